@@ -1,0 +1,23 @@
+# Thin wrappers: each target is one or two commands. `make run` and `make test` are the README's
+# two set-up commands; both create .venv and install what they need.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+
+.PHONY: install run train serve test lint format bench
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --disable-pip-version-check -q -e '.[train,serve,dev]' && touch $@
+
+install: $(STAMP)
+
+run: install
+	$(PY) -m training.run
+
+test: install
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+	$(PY) -m pytest
+
+format: install
+	$(VENV)/bin/ruff check --fix . && $(VENV)/bin/ruff format .

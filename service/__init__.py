@@ -1,0 +1,1 @@
+"""Torch-free serving of exported DINO models (FastAPI + onnxruntime + FAISS)."""

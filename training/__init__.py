@@ -1,0 +1,1 @@
+"""DINO self-distillation (Caron et al. 2021): backbones, method, training loop, export."""
