@@ -1,0 +1,252 @@
+"""Reading, writing and strictly loading checkpoints: ours and the official DINO files.
+
+Loading is strict on purpose: a backbone that silently kept half its random weights would give
+plausible-looking but meaningless features.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import logging
+import os
+import pathlib
+import pickle
+import tempfile
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from service.manifest import sha256_file
+
+log = logging.getLogger(__name__)
+
+_PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile wrappers
+_MAX_LISTED = 8
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is unreadable or does not fit the model it is loaded into."""
+
+
+def file_sha256(path: str | Path) -> str:
+    return sha256_file(Path(path))
+
+
+def save_atomic(obj: Any, path: str | Path) -> None:
+    """``torch.save`` to a temp file beside ``path``, fsync, then rename over it.
+
+    A crash mid-write leaves the previous checkpoint intact instead of a truncated one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    try:  # make the rename itself durable
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+
+
+def _harmless_globals() -> list[Any]:
+    """Non-tensor types that DINO-style checkpoints hold and that are safe to rebuild: argparse
+    args (official checkpoints), numpy arrays and scalars (RNG states), paths."""
+    np_core = getattr(np, "_core", None) or np.core
+    found = [
+        argparse.Namespace,
+        pathlib.PosixPath,
+        pathlib.PurePosixPath,
+        pathlib.WindowsPath,
+        pathlib.PureWindowsPath,
+        np.ndarray,
+        np.dtype,
+        np_core.multiarray._reconstruct,
+        np_core.multiarray.scalar,
+    ]
+    dtypes = getattr(np, "dtypes", None)
+    if dtypes is not None:
+        found += [getattr(dtypes, n) for n in dtypes.__all__]
+    return found
+
+
+def _project_globals(path: Path) -> list[Any]:
+    """Classes from this project's own ``training`` package named in the file (e.g. a config
+    dataclass): trusted because they are our code."""
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # legacy (non-zip) format: no listing possible
+        return []
+    found = []
+    for name in names:
+        module, _, attr = name.rpartition(".")
+        if module == "training" or module.startswith("training."):
+            with contextlib.suppress(ImportError, AttributeError):
+                found.append(getattr(importlib.import_module(module), attr))
+    return found
+
+
+def read_checkpoint(path: str | Path, trusted: bool = False) -> dict:
+    """Load a checkpoint onto the CPU as a dict.
+
+    Uses ``weights_only=True`` with an allowlist (numpy RNG states, argparse args, paths, this
+    project's own classes), so official DINO files and ours load without running arbitrary
+    pickled code. ``trusted=True`` falls back to a full unpickle for other objects.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist or is not a file")
+    allowed = _harmless_globals() + _project_globals(path)
+    try:
+        with torch.serialization.safe_globals(allowed):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "Weights only load failed" not in str(exc):
+            raise CheckpointError(f"checkpoint {path} is corrupt or truncated: {exc}") from exc
+        if not trusted:
+            raise CheckpointError(
+                f"checkpoint {path} contains Python objects other than tensors and plain data; "
+                f"refusing to unpickle them. Load it with trusted=True only if you trust its "
+                f"source. Detail: {str(exc).splitlines()[-3:]}"
+            ) from exc
+        log.warning("loading %s with weights_only=False (trusted source)", path)
+        obj = _load_untrusted(path)
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, KeyError) as exc:
+        raise CheckpointError(f"checkpoint {path} is corrupt or truncated: {exc}") from exc
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(
+            f"checkpoint {path} holds a {type(obj).__name__}, expected a dict (a state dict or "
+            f"a training checkpoint)"
+        )
+    return dict(obj)
+
+
+def _load_untrusted(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise CheckpointError(f"checkpoint {path} is corrupt or truncated: {exc}") from exc
+
+
+def _strip(key: str) -> str:
+    changed = True
+    while changed:
+        changed = False
+        for prefix in _PREFIXES:
+            if key.startswith(prefix):
+                key, changed = key[len(prefix) :], True
+    return key
+
+
+def extract_backbone_state_dict(obj: Mapping, which: str = "teacher") -> dict[str, Tensor]:
+    """The backbone's weights from any supported layout, keys without wrapper prefixes.
+
+    Accepts a backbone-only state dict (official ``dino_*_pretrain.pth`` or ours), a training
+    checkpoint with ``teacher``/``student`` entries (official or ours; ``module.``/``backbone.``
+    prefixes stripped, ``head.*`` dropped) and a dict wrapping one under ``state_dict``/``model``.
+    """
+    if which not in ("teacher", "student"):
+        raise ValueError(f"which must be 'teacher' or 'student', got {which!r}")
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"expected a dict, got {type(obj).__name__}")
+    if "teacher" in obj or "student" in obj:
+        if which not in obj:
+            raise CheckpointError(
+                f"checkpoint has no {which!r} entry (it has {sorted(map(str, obj))[:10]}); "
+                f"choose which={'student' if which == 'teacher' else 'teacher'!r}"
+            )
+        return extract_backbone_state_dict(obj[which], which)
+    for wrapper in ("state_dict", "model"):
+        if wrapper in obj and isinstance(obj[wrapper], Mapping):
+            return extract_backbone_state_dict(obj[wrapper], which)
+
+    stripped: dict[str, Any] = {}
+    for key, value in obj.items():
+        stripped[_strip(str(key))] = value
+    if any(k.startswith("backbone.") for k in stripped):
+        others = [k for k in stripped if not k.startswith(("backbone.", "head."))]
+        if others:
+            log.warning("ignoring %d non-backbone keys, e.g. %s", len(others), others[:3])
+        stripped = {
+            k[len("backbone.") :]: v for k, v in stripped.items() if k.startswith("backbone.")
+        }
+    bad = [k for k, v in stripped.items() if not isinstance(v, Tensor)]
+    if bad:
+        raise CheckpointError(
+            f"not a state dict: entries {_listing(bad)} are not tensors. Expected a backbone "
+            f"state dict or a checkpoint with 'teacher'/'student' entries"
+        )
+    if not stripped:
+        raise CheckpointError("the checkpoint holds no backbone weights")
+    return stripped
+
+
+def _listing(keys: list[str]) -> str:
+    keys = sorted(keys)
+    shown = ", ".join(keys[:_MAX_LISTED])
+    more = len(keys) - _MAX_LISTED
+    return f"[{shown}{f', ... and {more} more' if more > 0 else ''}]"
+
+
+def describe_state_dict(sd: Mapping[str, Tensor]) -> str:
+    """Best guess of the architecture a backbone state dict belongs to, for error hints."""
+    if "cls_token" in sd and "patch_embed.proj.weight" in sd:
+        dim, _, patch, _ = sd["patch_embed.proj.weight"].shape
+        depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
+        names = {192: "vit_tiny", 384: "vit_small", 768: "vit_base"}
+        arch = names.get(dim, f"a ViT with embed_dim {dim}")
+        grid_tokens = sd["pos_embed"].shape[1] - 1 if "pos_embed" in sd else None
+        extra = f", depth {depth}" if depth != 12 else ""
+        grid = f", trained grid {int(round(grid_tokens**0.5))}^2 patches" if grid_tokens else ""
+        return f"{arch} with patch {patch}{extra}{grid} (pass --arch {arch} --patch-size {patch})"
+    if "conv1.weight" in sd and "layer1.0.conv1.weight" in sd:
+        arch = "resnet50" if "layer1.0.conv3.weight" in sd else "resnet18"
+        return f"{arch} (pass --arch {arch})"
+    return "an unknown architecture"
+
+
+def load_backbone_weights(
+    backbone: nn.Module, source: str | Path | Mapping, which: str = "teacher"
+) -> None:
+    """Load backbone weights strictly from a file or a dict; any mismatch raises
+    ``CheckpointError`` listing missing keys, unexpected keys and shape differences."""
+    obj = read_checkpoint(source) if isinstance(source, (str, Path)) else source
+    sd = extract_backbone_state_dict(obj, which)
+    expected = backbone.state_dict()
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    shapes = [
+        f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in sd and sd[k].shape != v.shape
+    ]
+    if missing or unexpected or shapes:
+        where = f" from {source}" if isinstance(source, (str, Path)) else ""
+        parts = [f"checkpoint{where} does not fit the {type(backbone).__name__}"]
+        if missing:
+            parts.append(f"missing keys ({len(missing)}): {_listing(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys ({len(unexpected)}): {_listing(unexpected)}")
+        if shapes:
+            parts.append(f"shape mismatches ({len(shapes)}): {_listing(shapes)}")
+        parts.append(f"the checkpoint looks like {describe_state_dict(sd)}")
+        parts.append(f"the model is {describe_state_dict(expected)}")
+        raise CheckpointError("; ".join(parts))
+    backbone.load_state_dict(sd, strict=True)
