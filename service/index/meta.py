@@ -1,0 +1,80 @@
+"""What a data dir was built with (SQLite ``meta``), checked before any vector is touched."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from service.index.db import DB_FILE, SCHEMA_VERSION, ItemDB, utc_now
+from service.index.errors import IndexModelMismatch, IndexStoreError
+from service.index.snapshot import SNAPSHOT_FILE, SnapshotError, read_snapshot
+
+log = logging.getLogger(__name__)
+
+
+def rebuild_command(data_dir: Path) -> str:
+    return f"python -m service.index rebuild --data-dir {data_dir}"
+
+
+def check_meta(
+    db: ItemDB, data_dir: Path, sha: str, dim: int, index_type: str, name: str | None
+) -> dict[str, str]:
+    """Record the model on first use; afterwards refuse another model's or dimension's index."""
+    meta = db.meta()
+    if "model_sha256" not in meta:
+        db.set_meta(
+            schema_version=SCHEMA_VERSION,
+            model_sha256=sha,
+            dim=dim,
+            index_type=index_type,
+            model_name=name or "",
+            next_row=0,
+            created_at=utc_now(),
+        )
+        return db.meta()
+    if meta["model_sha256"] != sha or int(meta["dim"]) != dim:
+        built_by = repr(meta["model_name"]) if meta.get("model_name") else "an unnamed model"
+        now = f"{name!r} " if name else ""
+        raise IndexModelMismatch(
+            f"the index in {data_dir} was built by model {built_by} (sha256 "
+            f"{meta['model_sha256'][:12]}, dim {meta['dim']}), but the model in use is "
+            f"{now}(sha256 {sha[:12]}, dim {dim}); their vectors cannot be compared. Re-embed "
+            f"the stored items with the current model: `{rebuild_command(data_dir)}` (with "
+            f"--models-dir/--model as for the server), or move {data_dir} away to start empty."
+        )
+    if meta.get("index_type") != index_type:
+        log.info(
+            "index type %s -> %s: rebuilding the FAISS index", meta.get("index_type"), index_type
+        )
+        db.set_meta(index_type=index_type)
+    if meta.get("model_name", "") != (name or meta.get("model_name", "")):
+        db.set_meta(model_name=name)  # same weights under a new name
+    return db.meta()
+
+
+def read_info(data_dir: Path | str) -> dict:
+    """Describe a data dir without loading FAISS or knowing the model (for `stats`)."""
+    data_dir = Path(data_dir)
+    if not (data_dir / DB_FILE).is_file():
+        raise IndexStoreError(f"no index in {data_dir} (no {DB_FILE}); build one first")
+    db = ItemDB(data_dir / DB_FILE)
+    try:
+        meta, count = db.meta(), db.count()
+    finally:
+        db.close()
+    info: dict = {
+        "data_dir": str(data_dir),
+        "count": count,
+        "dim": int(meta["dim"]) if "dim" in meta else None,
+        "type": meta.get("index_type"),
+        "model_sha256": meta.get("model_sha256"),
+        "model_name": meta.get("model_name") or None,
+        "created_at": meta.get("created_at"),
+        "rows_assigned": int(meta.get("next_row", 0)),
+    }
+    try:
+        header, _ = read_snapshot(data_dir / SNAPSHOT_FILE)
+        info["snapshot"] = {k: header.get(k) for k in ("seq", "count", "written_at", "build")}
+    except SnapshotError as exc:
+        info["snapshot"] = f"none usable ({exc})"
+    return info

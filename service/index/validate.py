@@ -1,0 +1,108 @@
+"""Input checks for items: ids, metadata, vectors, thumbnails. Each failure says what to change."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Sequence
+
+import numpy as np
+
+from service.index.errors import DuplicateIdError, InvalidItemError
+
+MAX_ID_LEN = 128
+MAX_METADATA_BYTES = 16 * 1024
+MAX_THUMBNAIL_BYTES = 256 * 1024
+MAX_SOURCE_LEN = 4096
+
+
+def check_id(item_id: object) -> str:
+    """An external id: 1..128 printable characters, no '/' (ids appear in URL paths)."""
+    if not isinstance(item_id, str):
+        raise InvalidItemError(f"id must be a string, got {type(item_id).__name__}")
+    if not item_id or len(item_id) > MAX_ID_LEN:
+        raise InvalidItemError(f"id must have 1 to {MAX_ID_LEN} characters, got {len(item_id)}")
+    if not item_id.isprintable():
+        raise InvalidItemError(f"id {item_id!r} has non-printable characters")
+    if "/" in item_id:
+        raise InvalidItemError(f"id {item_id!r} contains '/', which cannot appear in a URL path")
+    if item_id != item_id.strip():
+        raise InvalidItemError(f"id {item_id!r} has leading or trailing spaces")
+    return item_id
+
+
+def check_ids(ids: Sequence[str] | None, n: int) -> list[str]:
+    """Validate given ids (or make uuid4 hex ones); refuse repeats within the batch."""
+    if ids is None:
+        return [uuid.uuid4().hex for _ in range(n)]
+    ids = list(ids)
+    if len(ids) != n:
+        raise InvalidItemError(f"got {len(ids)} ids for {n} vectors")
+    checked = [check_id(i) for i in ids]
+    seen: set[str] = set()
+    repeated = [i for i in checked if i in seen or seen.add(i)]
+    if repeated:
+        raise DuplicateIdError(sorted(set(repeated)))
+    return checked
+
+
+def metadata_json(metadata: object) -> str:
+    """Serialise one item's metadata: a JSON object (or None, stored as {}) under the size limit."""
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict):
+        raise InvalidItemError(f"metadata must be a JSON object, got {type(metadata).__name__}")
+    try:
+        text = json.dumps(metadata, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    except (TypeError, ValueError) as exc:
+        raise InvalidItemError(f"metadata is not JSON-serialisable: {exc}") from exc
+    size = len(text.encode())
+    if size > MAX_METADATA_BYTES:
+        raise InvalidItemError(
+            f"metadata is {size} bytes as JSON; the limit is {MAX_METADATA_BYTES} bytes"
+        )
+    return text
+
+
+def per_item(values: Sequence | None, n: int, what: str) -> list:
+    if values is None:
+        return [None] * n
+    values = list(values)
+    if len(values) != n:
+        raise InvalidItemError(f"got {len(values)} {what} for {n} vectors")
+    return values
+
+
+def check_source(source: object) -> str | None:
+    if source is None:
+        return None
+    if not isinstance(source, str) or len(source) > MAX_SOURCE_LEN:
+        raise InvalidItemError(f"source must be a string of at most {MAX_SOURCE_LEN} characters")
+    return source
+
+
+def check_thumbnail(thumbnail: object) -> bytes | None:
+    if thumbnail is None:
+        return None
+    if not isinstance(thumbnail, bytes | bytearray | memoryview):
+        raise InvalidItemError(f"thumbnail must be bytes, got {type(thumbnail).__name__}")
+    if len(thumbnail) > MAX_THUMBNAIL_BYTES:
+        raise InvalidItemError(
+            f"thumbnail is {len(thumbnail)} bytes; the limit is {MAX_THUMBNAIL_BYTES}"
+        )
+    return bytes(thumbnail)
+
+
+def as_unit_rows(vectors: object, dim: int, what: str = "vectors") -> np.ndarray:
+    """[n, dim] or [dim] -> contiguous float32 [n, dim], L2-normalised (scores are cosines)."""
+    arr = np.asarray(vectors, dtype=np.float32)
+    if arr.ndim == 1:
+        arr = arr[None, :]
+    if arr.ndim != 2 or arr.shape[1] != dim:
+        raise InvalidItemError(f"{what} must have shape [n, {dim}] or [{dim}], got {arr.shape}")
+    if not np.isfinite(arr).all():
+        raise InvalidItemError(f"{what} contain NaN or infinite values")
+    norms = np.linalg.norm(arr, axis=1, keepdims=True)
+    if (norms <= 1e-12).any():
+        raise InvalidItemError(f"{what} contain an all-zero row, which has no direction")
+    return np.ascontiguousarray(arr / norms, dtype=np.float32)
