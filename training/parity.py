@@ -1,0 +1,153 @@
+"""Check an exported graph against PyTorch, and preprocess the bundled photos both checks use."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from PIL import Image
+from torch import nn
+
+from service.manifest import INPUT_NAME, ParityCheck
+from training.onnx_graph import FeatureGraph
+
+log = logging.getLogger(__name__)
+
+MIN_FP32_COSINE = 0.9999
+# Photos bundled with scikit-image (no download); greyscale ones are converted to RGB.
+PHOTO_NAMES = (
+    "astronaut",
+    "chelsea",
+    "coffee",
+    "rocket",
+    "camera",
+    "coins",
+    "immunohistochemistry",
+    "hubble_deep_field",
+    "colorwheel",
+    "clock",
+    "moon",
+    "page",
+)
+
+
+class ParityError(RuntimeError):
+    """The exported graph does not compute what the PyTorch model computes."""
+
+
+def load_photo(name: str) -> Image.Image:
+    import skimage.data  # heavy import, only needed here
+
+    return Image.fromarray(getattr(skimage.data, name)()).convert("RGB")
+
+
+def preprocess(
+    image: Image.Image,
+    resize: int,
+    crop: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    interpolation: str = "bicubic",
+) -> np.ndarray:
+    """DINO's eval transform: short side to ``resize``, centre crop ``crop``, normalise.
+    Returns float32 ``[3, crop, crop]``."""
+    resample = Image.Resampling.BICUBIC if interpolation == "bicubic" else Image.Resampling.BILINEAR
+    w, h = image.size
+    scale = resize / min(w, h)
+    new_w, new_h = max(crop, round(w * scale)), max(crop, round(h * scale))
+    image = image.resize((new_w, new_h), resample)
+    left, top = (new_w - crop) // 2, (new_h - crop) // 2
+    image = image.crop((left, top, left + crop, top + crop))
+    pixels = np.asarray(image, dtype=np.float32) / 255.0
+    pixels = (pixels - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    return np.ascontiguousarray(pixels.transpose(2, 0, 1))
+
+
+def photo_batch(
+    names: Sequence[str], resize: int, crop: int, mean: Sequence[float], std: Sequence[float]
+) -> np.ndarray:
+    return np.stack([preprocess(load_photo(n), resize, crop, mean, std) for n in names])
+
+
+def ort_session(path: Path) -> ort.InferenceSession:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    denom = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    return (a * b).sum(axis=1) / np.maximum(denom, 1e-12)
+
+
+def parity_inputs(
+    size: int,
+    step: int,
+    photo: np.ndarray,
+    seed: int = 0,
+) -> list[np.ndarray]:
+    """The three shapes every export is checked at: the training size at batch 1 (a real photo),
+    a non-square size (random) and a batch of 2 (the photo and a random image).
+
+    ``step`` is the patch size (ViT) or any stride (ResNet); the non-square width is ~1.5x.
+    """
+    rng = np.random.default_rng(seed)
+    wide = math.ceil(size * 1.5 / step) * step
+    random_square = rng.standard_normal((1, 3, size, size), dtype=np.float32)
+    return [
+        photo[None],
+        rng.standard_normal((1, 3, size, wide), dtype=np.float32),
+        np.concatenate([photo[None], random_square]),
+    ]
+
+
+def check_parity(
+    backbone: nn.Module, onnx_path: Path, inputs: Sequence[np.ndarray]
+) -> tuple[ParityCheck, ...]:
+    """Run PyTorch and onnxruntime on each input; raise ``ParityError`` if an embedding's cosine
+    falls below ``MIN_FP32_COSINE`` or any output's shape differs."""
+    session = ort_session(onnx_path)
+    names = [o.name for o in session.get_outputs()]
+    graph = FeatureGraph(backbone).eval()
+    checks = []
+    for x in inputs:
+        with torch.no_grad():
+            expected = [t.numpy() for t in graph(torch.from_numpy(x))]
+        got = session.run(None, {INPUT_NAME: x})
+        for name, e, g in zip(names, expected, got, strict=True):
+            if e.shape != g.shape:
+                raise ParityError(
+                    f"output {name!r} at input {x.shape}: onnxruntime gave {g.shape}, "
+                    f"PyTorch {e.shape}; the graph is not dynamic in this dimension"
+                )
+        out = dict(zip(names, got, strict=True))
+        ref = dict(zip(names, expected, strict=True))
+        cosine = float(row_cosines(out["embedding"], ref["embedding"]).min())
+        check = ParityCheck(
+            shape=tuple(x.shape),
+            embedding_max_abs_diff=float(np.abs(out["embedding"] - ref["embedding"]).max()),
+            embedding_cosine_min=cosine,
+            attention_max_abs_diff=(
+                float(np.abs(out["attention"] - ref["attention"]).max())
+                if "attention" in out
+                else None
+            ),
+        )
+        log.info(
+            "parity %s: embedding max|diff| %.2e, cosine %.7f, attention max|diff| %s",
+            "x".join(map(str, x.shape)),
+            check.embedding_max_abs_diff,
+            cosine,
+            "-" if check.attention_max_abs_diff is None else f"{check.attention_max_abs_diff:.2e}",
+        )
+        if not np.isfinite(cosine) or cosine < MIN_FP32_COSINE:
+            raise ParityError(
+                f"onnxruntime and PyTorch disagree at input {x.shape}: embedding cosine "
+                f"{cosine:.6f} < {MIN_FP32_COSINE}; refusing to write this artifact"
+            )
+        checks.append(check)
+    return tuple(checks)
