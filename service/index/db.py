@@ -136,6 +136,14 @@ class ItemDB:
             (item_id,),
         ).fetchone()
 
+    def page(self, offset: int, limit: int) -> list[tuple]:
+        """Rows shaped like get(), newest first."""
+        return self.conn.execute(
+            "SELECT id, metadata, source, created_at, thumbnail IS NOT NULL, row "
+            "FROM items ORDER BY row DESC LIMIT ? OFFSET ?",
+            (limit, offset),
+        ).fetchall()
+
     def thumbnail(self, item_id: str) -> bytes | None:
         found = self.conn.execute("SELECT thumbnail FROM items WHERE id = ?", (item_id,)).fetchone()
         return None if found is None or found[0] is None else bytes(found[0])

@@ -10,6 +10,7 @@ API (all methods thread-safe; one lock guards both halves)::
     store.search(query [n,dim] or [dim], k, exclude_ids=None)
         -> list[list[Hit(id, score, metadata)]]   (per query row, best first)
     store.similar(id, k) -> list[Hit] | None   (the item itself left out; None for an unknown id)
+    store.list_items(offset=0, limit=50) -> (list[Item] newest first, total)   Item.to_dict()
     store.existing(ids) -> set[str]     len(store)    store.stats() -> dict
     store.snapshot()                    store.close()  (snapshot + close; also a context manager)
 
@@ -65,6 +66,11 @@ class Hit(NamedTuple):
     id: str
     score: float
     metadata: dict
+
+
+def _item(found: tuple) -> Item:
+    iid, meta, source, created, has_thumb, _ = found
+    return Item(iid, json.loads(meta), source, created, bool(has_thumb))
 
 
 class IndexStore:
@@ -236,8 +242,12 @@ class IndexStore:
             found = self._db.get(item_id)
         if found is None:
             return None
-        iid, meta, source, created, has_thumb, _ = found
-        return Item(iid, json.loads(meta), source, created, bool(has_thumb))
+        return _item(found)
+
+    def list_items(self, offset: int = 0, limit: int = 50) -> tuple[list[Item], int]:
+        """A page of items, newest first, and the total count (for a gallery)."""
+        with self._lock:
+            return [_item(r) for r in self._db.page(offset, limit)], self._db.count()
 
     def thumbnail(self, item_id: str) -> bytes | None:
         with self._lock:
