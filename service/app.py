@@ -1,0 +1,150 @@
+"""The FastAPI application: factory, lifespan, error mapping, access log.
+
+``create_app(settings)`` builds an app whose lifespan loads the model and opens the index; the
+``Runtime`` it stores in ``app.state.runtime`` is what the routes use.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service import routes_index, routes_model, routes_ops
+from service.batcher import Overloaded
+from service.images import ImageError
+from service.index import DuplicateIdError, IndexStoreError, InvalidItemError
+from service.metrics import Metrics
+from service.runtime import Runtime
+from service.settings import Settings
+
+log = logging.getLogger("service")
+access_log = logging.getLogger("service.access")
+STATIC_DIR = Path(__file__).parent / "static"
+
+
+class AccessLog:
+    """One log line and the request metrics per HTTP request (pure ASGI: no body buffering)."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            elapsed = time.perf_counter() - started
+            route = scope.get("route")
+            # Route templates, not raw paths, keep the label set small (/items/{item_id}).
+            endpoint = getattr(route, "path", None) or "unmatched"
+            self.metrics.requests.inc(endpoint, str(status))
+            self.metrics.latency.observe(elapsed, endpoint)
+            access_log.info(
+                "%s %s %d %.1f ms", scope["method"], scope["path"], status, elapsed * 1000
+            )
+
+
+def _error(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"detail": detail}, status_code=status, headers=headers)
+
+
+def _install_error_handlers(app: FastAPI, settings: Settings) -> None:
+    @app.exception_handler(ImageError)
+    async def image_error(_: Request, exc: ImageError) -> JSONResponse:
+        return _error(exc.status_code, exc.message)
+
+    @app.exception_handler(Overloaded)
+    async def overloaded(_: Request, exc: Overloaded) -> JSONResponse:
+        return _error(503, str(exc), {"Retry-After": str(exc.retry_after)})
+
+    @app.exception_handler(IndexStoreError)
+    async def store_unavailable(_: Request, exc: IndexStoreError) -> JSONResponse:
+        log.error("index store error: %s", exc)
+        return _error(503, f"index unavailable: {exc}", {"Retry-After": "5"})
+
+    @app.exception_handler(DuplicateIdError)
+    async def duplicate(_: Request, exc: DuplicateIdError) -> JSONResponse:
+        return _error(409, str(exc))
+
+    @app.exception_handler(InvalidItemError)
+    async def invalid_item(_: Request, exc: InvalidItemError) -> JSONResponse:
+        return _error(422, str(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        # The contract's errors are one readable string, not FastAPI's list of objects.
+        parts = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err.get("loc", ()) if p not in ("body", "query"))
+            parts.append(f"{where or 'request'}: {err.get('msg', 'invalid')}")
+        return _error(422, "; ".join(parts) or "invalid request")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        detail = exc.detail
+        if exc.status_code == 413 and detail == "Content Too Large":
+            detail = (
+                f"request body is over the limit of {settings.max_request_bytes} bytes "
+                "(DINO_MAX_REQUEST_BYTES)"
+            )
+        return _error(exc.status_code, str(detail), getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error", exc_info=exc)
+        return _error(500, f"internal error ({type(exc).__name__}); see the server log")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    runtime = Runtime(settings)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await runtime.start()
+        try:
+            yield
+        finally:
+            await runtime.stop()
+
+    app = FastAPI(
+        title="DINO feature service",
+        version="0.1.0",
+        summary="Embeddings, attention maps and nearest neighbours from an exported DINO model.",
+        lifespan=lifespan,
+        max_body_size=settings.max_request_bytes,
+    )
+    app.state.runtime = runtime
+    app.add_middleware(AccessLog, metrics=runtime.metrics)
+    _install_error_handlers(app, settings)
+    for module in (routes_model, routes_index, routes_ops):
+        app.include_router(module.router)
+    if (STATIC_DIR / "index.html").is_file():
+        app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+        @app.get("/", include_in_schema=False)
+        async def page() -> FileResponse:
+            return FileResponse(STATIC_DIR / "index.html")
+
+    return app

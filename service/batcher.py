@@ -1,0 +1,173 @@
+"""An asyncio micro-batcher in front of the engine.
+
+Requests enqueue one job per image and await their futures. One worker task takes the oldest job,
+waits up to ``wait_ms`` (from that job's arrival) for up to ``max_batch`` jobs of the same input
+shape and outputs, runs them as one call in a dedicated thread (the event loop stays free), and
+hands each job its own rows. The queue is bounded in images: a request that would overflow it is
+refused at once with ``Overloaded`` (503 + Retry-After) instead of growing memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from service.engine import Engine
+from service.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+
+class Overloaded(RuntimeError):
+    """The queue is full; the client should retry after ``retry_after`` seconds."""
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+@dataclass
+class _Job:
+    pixels: np.ndarray
+    outputs: tuple[str, ...]
+    future: asyncio.Future
+    enqueued: float
+    key: tuple = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.key = (self.pixels.shape, self.outputs)
+
+
+class MicroBatcher:
+    def __init__(
+        self,
+        engine: Engine,
+        max_batch: int,
+        wait_ms: float,
+        queue_limit: int,
+        metrics: Metrics | None = None,
+        retry_after: int = 1,
+    ) -> None:
+        self.engine = engine
+        self.max_batch = max_batch
+        self.wait_s = wait_ms / 1000.0
+        self.queue_limit = queue_limit
+        self.metrics = metrics
+        self.retry_after = retry_after
+        self._queue: deque[_Job] = deque()
+        self._wakeup = asyncio.Event()
+        # One thread: the session already uses every intra-op thread; two calls would fight.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+        self._task: asyncio.Task | None = None
+
+    @property
+    def depth(self) -> int:
+        """Images waiting (not yet handed to the engine)."""
+        return len(self._queue)
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._work(), name="micro-batcher")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        while self._queue:
+            job = self._queue.popleft()
+            if not job.future.done():
+                job.future.set_exception(RuntimeError("server is shutting down"))
+        self._executor.shutdown(wait=True)
+
+    async def infer(
+        self, images: list[np.ndarray], outputs: tuple[str, ...]
+    ) -> dict[str, np.ndarray]:
+        """Run ``images`` (each ``[3,H,W]``); returns ``{output: [len(images), ...]}`` in order."""
+        if self._task is None or self._task.done():
+            raise RuntimeError("the batcher is not running")
+        # An oversized single request is still admitted into an empty queue, so it can never
+        # starve; max_images_per_request bounds that case.
+        if self._queue and len(self._queue) + len(images) > self.queue_limit:
+            if self.metrics:
+                self.metrics.rejected.inc()
+            raise Overloaded(
+                f"server busy: {len(self._queue)} images queued (limit {self.queue_limit}); "
+                f"retry in {self.retry_after} s",
+                self.retry_after,
+            )
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        jobs = [_Job(px, outputs, loop.create_future(), now) for px in images]
+        self._queue.extend(jobs)
+        self._wakeup.set()
+        rows = await asyncio.gather(*(job.future for job in jobs))
+        return {name: np.stack([row[name] for row in rows]) for name in outputs}
+
+    async def _work(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            while not self._queue:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            first = self._queue[0]
+            deadline = first.enqueued + self.wait_s
+            while self._matching(first.key) < self.max_batch:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                self._wakeup.clear()
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), remaining)
+                except TimeoutError:
+                    break
+            batch = self._take(first.key)
+            if batch:
+                await self._execute(batch)
+
+    def _matching(self, key: tuple) -> int:
+        return sum(1 for job in self._queue if job.key == key)
+
+    def _take(self, key: tuple) -> list[_Job]:
+        """Pop up to max_batch live jobs with ``key``; others keep their place in the queue."""
+        batch: list[_Job] = []
+        keep: deque[_Job] = deque()
+        while self._queue:
+            job = self._queue.popleft()
+            if job.future.done():  # the caller went away (cancelled); drop its work
+                continue
+            if job.key == key and len(batch) < self.max_batch:
+                batch.append(job)
+            else:
+                keep.append(job)
+        self._queue = keep
+        return batch
+
+    async def _execute(self, batch: list[_Job]) -> None:
+        outputs = batch[0].outputs
+        pixels = np.stack([job.pixels for job in batch])
+        started = time.perf_counter()
+        try:
+            result = await asyncio.get_running_loop().run_in_executor(
+                self._executor, self.engine.run, pixels, outputs
+            )
+        except Exception as exc:
+            log.exception("inference failed for a batch of %d", len(batch))
+            for job in batch:
+                if not job.future.done():
+                    job.future.set_exception(exc)
+            return
+        if self.metrics:
+            kind = "embed" if outputs == ("embedding",) else "+".join(outputs)
+            self.metrics.batch_size.observe(len(batch), kind)
+            self.metrics.inference.observe(time.perf_counter() - started)
+            self.metrics.images.inc(amount=len(batch))
+        for i, job in enumerate(batch):
+            if not job.future.done():
+                job.future.set_result({name: result[name][i] for name in outputs})

@@ -1,0 +1,225 @@
+"""Endpoints over the index: /similar, /items, /index."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+import anyio
+from fastapi import APIRouter, Depends, File, Form, HTTPException, Query, Response, UploadFile
+
+from service.engine import l2_normalise
+from service.images import thumbnail_jpeg
+from service.index import Hit
+from service.preprocess import eval_pixels
+from service.routes_common import RuntimeDep, read_images, require_token
+from service.runtime import Runtime
+from service.schemas import (
+    Item,
+    ItemList,
+    ItemsAdded,
+    SimilarResponse,
+    SimilarResult,
+    error_responses,
+)
+
+router = APIRouter(tags=["index"])
+KQuery = Annotated[int, Query(ge=1, description="how many neighbours (at most DINO_MAX_K)")]
+
+
+def _check_k(rt: Runtime, k: int) -> None:
+    if k > rt.settings.max_k:
+        raise HTTPException(422, f"k={k} is above the limit of {rt.settings.max_k} (DINO_MAX_K)")
+
+
+def _results(rt: Runtime, hits: list[Hit]) -> SimilarResponse:
+    assert rt.manifest is not None
+    results = [SimilarResult(id=i, score=float(s), metadata=m) for i, s, m in hits]
+    return SimilarResponse(model=rt.manifest.name, results=results)
+
+
+@router.get(
+    "/similar",
+    response_model=SimilarResponse,
+    responses=error_responses(404, 422, 503),
+    summary="Nearest neighbours of an indexed item (the item itself left out)",
+)
+async def similar_by_id(
+    rt: RuntimeDep, id: Annotated[str, Query(min_length=1)], k: KQuery = 10
+) -> SimilarResponse:
+    _check_k(rt, k)
+    store = rt.store
+    assert store is not None
+    hits = await anyio.to_thread.run_sync(store.similar, id, k)
+    if hits is None:
+        raise HTTPException(404, f"no item with id {id!r} in the index")
+    return _results(rt, hits)
+
+
+@router.post(
+    "/similar",
+    response_model=SimilarResponse,
+    responses=error_responses(400, 413, 415, 422, 503),
+    summary="Nearest neighbours of a new image",
+)
+async def similar_by_image(
+    rt: RuntimeDep,
+    image: Annotated[UploadFile, File(description="one image file")],
+    k: Annotated[int, Form(ge=1, description="how many neighbours (at most DINO_MAX_K)")] = 10,
+) -> SimilarResponse:
+    _check_k(rt, k)
+    manifest, store, batcher = rt.manifest, rt.store, rt.batcher
+    assert manifest is not None and store is not None and batcher is not None
+    ((_, pixels),) = await read_images(rt, [image], lambda img: eval_pixels(img, manifest))
+    vector = l2_normalise((await batcher.infer([pixels], ("embedding",)))["embedding"])[0]
+    hits = await anyio.to_thread.run_sync(store.search, vector, k)
+    return _results(rt, hits[0])
+
+
+def _parse_metadata(text: str | None, n: int) -> list[dict[str, Any] | None]:
+    """One JSON object for every image, or a JSON array with one object per image."""
+    if text is None or not text.strip():
+        return [None] * n
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise HTTPException(422, f"metadata is not valid JSON: {exc}") from None
+    if isinstance(value, dict):
+        return [value] * n
+    if isinstance(value, list) and len(value) == n:
+        return value
+    raise HTTPException(
+        422, f"metadata must be a JSON object, or an array of {n} objects (one per image)"
+    )
+
+
+def _parse_ids(ids: list[str] | None, n: int) -> list[str] | None:
+    """Repeated ``ids`` fields, or one field holding a JSON array of strings."""
+    if not ids:
+        return None
+    if len(ids) == 1 and n > 1 and ids[0].lstrip().startswith("["):
+        try:
+            ids = json.loads(ids[0])
+        except json.JSONDecodeError as exc:
+            raise HTTPException(422, f"ids is not a valid JSON array: {exc}") from None
+    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+        raise HTTPException(422, "ids must be strings")
+    if len(ids) != n:
+        raise HTTPException(422, f"got {len(ids)} ids for {n} images")
+    return ids
+
+
+@router.post(
+    "/items",
+    response_model=ItemsAdded,
+    status_code=201,
+    dependencies=[Depends(require_token)],
+    responses=error_responses(400, 401, 409, 413, 415, 422, 503),
+    summary="Add images to the index (durable once the response is sent)",
+)
+async def add_items(
+    rt: RuntimeDep,
+    images: Annotated[list[UploadFile], File(description="1..N image files")],
+    ids: Annotated[
+        list[str] | None, Form(description="one id per image (default: generated)")
+    ] = None,
+    metadata: Annotated[
+        str | None, Form(description="JSON object for every image, or array of one per image")
+    ] = None,
+) -> ItemsAdded:
+    manifest, store, batcher = rt.manifest, rt.store, rt.batcher
+    assert manifest is not None and store is not None and batcher is not None
+    given_ids = _parse_ids(ids, len(images))
+    metas = _parse_metadata(metadata, len(images))
+    side = rt.settings.thumbnail_side
+    loaded = await read_images(
+        rt, images, lambda img: (eval_pixels(img, manifest), thumbnail_jpeg(img, side))
+    )
+    out = await batcher.infer([px for _, (px, _) in loaded], ("embedding",))
+    vectors = l2_normalise(out["embedding"])
+    sources = [upload.filename or None for upload in images]
+    thumbs = [thumb for _, (_, thumb) in loaded]
+    added = await anyio.to_thread.run_sync(
+        lambda: store.add(
+            vectors, ids=given_ids, metadata=metas, sources=sources, thumbnails=thumbs
+        )
+    )
+    return ItemsAdded(ids=list(added))
+
+
+@router.get(
+    "/items",
+    response_model=ItemList,
+    responses=error_responses(422, 503),
+    summary="List items (for the web page's gallery)",
+)
+async def list_items(
+    rt: RuntimeDep,
+    offset: Annotated[int, Query(ge=0)] = 0,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 50,
+) -> ItemList:
+    store = rt.store
+    assert store is not None
+    items, total = await anyio.to_thread.run_sync(store.list_items, offset, limit)
+    return ItemList(items=[Item(**item.to_dict()) for item in items], total=total, offset=offset)
+
+
+@router.get(
+    "/items/{item_id}",
+    response_model=Item,
+    responses=error_responses(404, 503),
+    summary="One item's metadata",
+)
+async def get_item(rt: RuntimeDep, item_id: str) -> Item:
+    store = rt.store
+    assert store is not None
+    item = await anyio.to_thread.run_sync(store.get, item_id)
+    if item is None:
+        raise HTTPException(404, f"no item with id {item_id!r} in the index")
+    return Item(**item.to_dict())
+
+
+@router.get(
+    "/items/{item_id}/thumbnail",
+    response_class=Response,
+    responses={
+        **error_responses(404, 503),
+        200: {"content": {"image/jpeg": {}}, "description": "small JPEG"},
+    },
+    summary="The item's stored JPEG thumbnail",
+)
+async def get_thumbnail(rt: RuntimeDep, item_id: str) -> Response:
+    store = rt.store
+    assert store is not None
+    data = await anyio.to_thread.run_sync(store.thumbnail, item_id)
+    if data is None:
+        raise HTTPException(404, f"no thumbnail for {item_id!r} (unknown id, or added without)")
+    return Response(data, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
+
+
+@router.delete(
+    "/items/{item_id}",
+    status_code=204,
+    response_class=Response,
+    dependencies=[Depends(require_token)],
+    responses=error_responses(401, 404, 503),
+    summary="Delete an item (durable once the response is sent)",
+)
+async def delete_item(rt: RuntimeDep, item_id: str) -> Response:
+    store = rt.store
+    assert store is not None
+    if not await anyio.to_thread.run_sync(store.delete, item_id):
+        raise HTTPException(404, f"no item with id {item_id!r} in the index")
+    return Response(status_code=204)
+
+
+@router.get(
+    "/index",
+    response_model=dict[str, Any],
+    responses=error_responses(503),
+    summary="Index statistics",
+)
+async def index_stats(rt: RuntimeDep) -> dict[str, Any]:
+    store = rt.store
+    assert store is not None
+    return await anyio.to_thread.run_sync(store.stats)

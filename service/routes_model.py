@@ -1,0 +1,109 @@
+"""Endpoints that only run the model: /embed, /attention, /models."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import numpy as np
+from fastapi import APIRouter, File, Form, HTTPException, UploadFile
+from fastapi.responses import Response
+
+from service.attention import patch_maps, threshold_masks
+from service.engine import l2_normalise
+from service.preprocess import attention_pixels, eval_pixels
+from service.render import overlay_png
+from service.routes_common import RuntimeDep, read_images
+from service.schemas import AttentionResponse, EmbedResponse, ModelInfo, error_responses
+
+router = APIRouter(tags=["model"])
+
+
+@router.post(
+    "/embed",
+    response_model=EmbedResponse,
+    responses=error_responses(400, 413, 415, 422, 503),
+    summary="Embed images (CLS feature, L2-normalised by default)",
+)
+async def embed(
+    rt: RuntimeDep,
+    images: Annotated[list[UploadFile], File(description="1..N image files")],
+    normalize: Annotated[bool, Form(description="L2-normalise each embedding")] = True,
+) -> EmbedResponse:
+    manifest = rt.manifest
+    assert manifest is not None and rt.batcher is not None
+    loaded = await read_images(rt, images, lambda img: eval_pixels(img, manifest))
+    out = await rt.batcher.infer([px for _, px in loaded], ("embedding",))
+    rows = out["embedding"]
+    if normalize:
+        rows = l2_normalise(rows)
+    return EmbedResponse(
+        model=manifest.name, dim=int(rows.shape[1]), normalized=normalize, embeddings=rows.tolist()
+    )
+
+
+@router.post(
+    "/attention",
+    response_model=AttentionResponse,
+    responses={
+        **error_responses(400, 409, 413, 415, 422, 503),
+        200: {"content": {"image/png": {}}, "description": "JSON maps, or a PNG overlay"},
+    },
+    summary="Last-block CLS attention per head, as JSON maps or a PNG overlay",
+)
+async def attention(
+    rt: RuntimeDep,
+    image: Annotated[UploadFile, File(description="one image file")],
+    format: Annotated[
+        Literal["json", "png"], Form(description="json maps or png overlay")
+    ] = "json",
+    threshold: Annotated[
+        float | None,
+        Form(ge=0.0, le=1.0, description="share of attention each mask keeps (DINO's masks)"),
+    ] = None,
+    head: Annotated[
+        int | None, Form(ge=0, description="png only: draw this head instead of the mean")
+    ] = None,
+) -> AttentionResponse | Response:
+    manifest = rt.manifest
+    assert manifest is not None and rt.batcher is not None
+    if not manifest.has_attention:
+        raise HTTPException(
+            409, f"model {manifest.name!r} ({manifest.arch}) has no attention maps; serve a ViT"
+        )
+    heads = manifest.num_heads or 1
+    if head is not None and head >= heads:
+        raise HTTPException(422, f"head must be within 0..{heads - 1} for this model")
+    max_side = rt.attention_max_side
+    ((_, prepared),) = await read_images(
+        rt, [image], lambda img: attention_pixels(img, manifest, max_side)
+    )
+    out = await rt.batcher.infer([prepared.pixels], ("attention",))
+    maps = patch_maps(out["attention"][0], prepared.grid)
+    patch = manifest.patch_size or 1
+    if format == "png":
+        shown = maps[head] if head is not None else maps.mean(axis=0)
+        mask = None if threshold is None else threshold_masks(shown[None], threshold)[0]
+        png = overlay_png(prepared.image, shown, patch, mask)
+        return Response(png, media_type="image/png")
+    masks = None if threshold is None else threshold_masks(maps, threshold).tolist()
+    return AttentionResponse(
+        model=manifest.name,
+        heads=int(maps.shape[0]),
+        grid=prepared.grid,
+        image_size=prepared.image_size,
+        patch_size=patch,
+        maps=np.round(maps, 8).tolist(),
+        threshold=threshold,
+        masks=masks,
+    )
+
+
+@router.get("/models", response_model=ModelInfo, summary="The loaded model's manifest")
+async def models(rt: RuntimeDep) -> ModelInfo:
+    assert rt.manifest is not None
+    return ModelInfo(
+        **rt.manifest.model_dump(),
+        variant=rt.settings.model_variant,
+        served_file=rt.served_file,
+        sha256=rt.manifest.model_sha256,
+    )

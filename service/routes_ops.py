@@ -1,0 +1,42 @@
+"""Operational endpoints: liveness, readiness, Prometheus metrics."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
+
+from service.metrics import CONTENT_TYPE
+from service.runtime import Runtime
+from service.schemas import Health, Readiness
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get("/healthz", response_model=Health, summary="Liveness: the process answers")
+async def healthz() -> Health:
+    return Health(status="ok")
+
+
+@router.get(
+    "/readyz",
+    response_model=Readiness,
+    responses={503: {"model": Readiness, "description": "model or index not loaded yet"}},
+    summary="Readiness: the model and the index are loaded",
+)
+async def readyz(request: Request) -> Readiness | JSONResponse:
+    rt: Runtime = request.app.state.runtime
+    if not rt.ready or rt.manifest is None:
+        body = Readiness(ready=False, detail="loading the model or replaying the index")
+        return JSONResponse(body.model_dump(), status_code=503, headers={"Retry-After": "1"})
+    return Readiness(ready=True, model=rt.manifest.name, index_size=rt.index_size())
+
+
+@router.get(
+    "/metrics",
+    response_class=PlainTextResponse,
+    responses={200: {"content": {CONTENT_TYPE: {}}, "description": "Prometheus text format"}},
+    summary="Prometheus metrics",
+)
+async def metrics(request: Request) -> PlainTextResponse:
+    rt: Runtime = request.app.state.runtime
+    return PlainTextResponse(rt.metrics.render(), media_type=CONTENT_TYPE)
