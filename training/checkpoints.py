@@ -198,28 +198,30 @@ def extract_backbone_state_dict(obj: Mapping, which: str = "teacher") -> dict[st
     return stripped
 
 
-def _listing(keys: list[str]) -> str:
-    keys = sorted(keys)
+def _listing(keys: list[str], sort: bool = True) -> str:
+    keys = sorted(keys) if sort else list(keys)
     shown = ", ".join(keys[:_MAX_LISTED])
     more = len(keys) - _MAX_LISTED
     return f"[{shown}{f', ... and {more} more' if more > 0 else ''}]"
 
 
-def describe_state_dict(sd: Mapping[str, Tensor]) -> str:
-    """Best guess of the architecture a backbone state dict belongs to, for error hints."""
+def describe_state_dict(sd: Mapping[str, Tensor]) -> tuple[str, str]:
+    """Best guess of the architecture a backbone state dict belongs to, and the CLI flags that
+    build it: ``("vit_small, patch 16, ...", "--arch vit_small --patch-size 16")``."""
     if "cls_token" in sd and "patch_embed.proj.weight" in sd:
         dim, _, patch, _ = sd["patch_embed.proj.weight"].shape
         depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
-        names = {192: "vit_tiny", 384: "vit_small", 768: "vit_base"}
-        arch = names.get(dim, f"a ViT with embed_dim {dim}")
-        grid_tokens = sd["pos_embed"].shape[1] - 1 if "pos_embed" in sd else None
-        extra = f", depth {depth}" if depth != 12 else ""
-        grid = f", trained grid {int(round(grid_tokens**0.5))}^2 patches" if grid_tokens else ""
-        return f"{arch} with patch {patch}{extra}{grid} (pass --arch {arch} --patch-size {patch})"
+        arch = {192: "vit_tiny", 384: "vit_small", 768: "vit_base"}.get(dim)
+        name = arch or f"a ViT with embed_dim {dim}"
+        text = f"{name}, patch {patch}, depth {depth}"
+        if "pos_embed" in sd:
+            side = round((sd["pos_embed"].shape[1] - 1) ** 0.5)
+            text += f", trained grid {side}x{side} (img_size {side * patch})"
+        return text, f"--arch {arch} --patch-size {patch}" if arch else ""
     if "conv1.weight" in sd and "layer1.0.conv1.weight" in sd:
         arch = "resnet50" if "layer1.0.conv3.weight" in sd else "resnet18"
-        return f"{arch} (pass --arch {arch})"
-    return "an unknown architecture"
+        return arch, f"--arch {arch}"
+    return "an unknown architecture", ""
 
 
 def load_backbone_weights(
@@ -245,8 +247,11 @@ def load_backbone_weights(
         if unexpected:
             parts.append(f"unexpected keys ({len(unexpected)}): {_listing(unexpected)}")
         if shapes:
-            parts.append(f"shape mismatches ({len(shapes)}): {_listing(shapes)}")
-        parts.append(f"the checkpoint looks like {describe_state_dict(sd)}")
-        parts.append(f"the model is {describe_state_dict(expected)}")
+            parts.append(f"shape mismatches ({len(shapes)}): {_listing(shapes, sort=False)}")
+        ckpt_arch, flags = describe_state_dict(sd)
+        model_arch, _ = describe_state_dict(expected)
+        parts.append(f"the checkpoint holds {ckpt_arch}; the model is {model_arch}")
+        if flags:
+            parts.append(f"build the matching model (e.g. pass {flags})")
         raise CheckpointError("; ".join(parts))
     backbone.load_state_dict(sd, strict=True)
