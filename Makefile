@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: install run train serve test lint format bench
+.PHONY: install run train serve test format bench
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -12,8 +12,19 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+FMNIST := /usr/share/datasets/fashion-mnist
+
+# Train (if models/ is empty), index the gallery, serve. As root on Debian it installs the data set.
 run: install
+	@test -d $(FMNIST) || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null || \
+		(apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)
+	$(PY) -m training.quickstart
+
+train: install
 	$(PY) -m training.run
+
+serve: install
+	$(PY) -m service
 
 test: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
