@@ -58,8 +58,8 @@ class AccessLog:
             route = scope.get("route")
             # Route templates, not raw paths, keep the label set small (/items/{item_id}).
             endpoint = getattr(route, "path", None) or "unmatched"
-            self.metrics.requests.inc(endpoint, str(status))
-            self.metrics.latency.observe(elapsed, endpoint)
+            self.metrics.requests.inc(scope["method"], endpoint, str(status))
+            self.metrics.latency.observe(elapsed, scope["method"], endpoint)
             access_log.info(
                 "%s %s %d %.1f ms", scope["method"], scope["path"], status, elapsed * 1000
             )

@@ -130,9 +130,9 @@ class Metrics:
         )
         self.latency = Histogram(
             "dino_http_request_duration_seconds",
-            "HTTP request latency by endpoint",
+            "HTTP request latency by method and endpoint",
             LATENCY_BUCKETS,
-            ("endpoint",),
+            ("method", "endpoint"),
         )
         self.batch_size = Histogram(
             "dino_batch_size", "images per inference call", BATCH_BUCKETS, ("kind",)

@@ -45,8 +45,9 @@ def overlay_png(
 ) -> bytes:
     """Blend a heat map of ``grid_map`` ([h, w], any scale) over ``image``; dim outside ``mask``."""
     size = (image.height, image.width)
-    peak = float(grid_map.max())
-    values = upsample(grid_map / peak if peak > 0 else grid_map, patch, size)
+    # Stretch min..max: maps of weak or untrained models are nearly flat and would look uniform.
+    low, high = float(grid_map.min()), float(grid_map.max())
+    values = upsample((grid_map - low) / ((high - low) or 1.0), patch, size)
     photo = np.asarray(image.convert("RGB"), dtype=np.float64)
     blended = (1.0 - ALPHA) * photo + ALPHA * colourise(values)
     if mask is not None:
