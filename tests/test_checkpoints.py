@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from training.augment import _ToMode
 from training.backbones import build_backbone
 from training.checkpoints import (
     CheckpointError,
@@ -149,7 +150,7 @@ def test_corrupt_and_missing_files(tmp_path):
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"not a checkpoint at all" * 10)
     for bad in (truncated, garbage):
-        with pytest.raises(CheckpointError, match=bad.name):
+        with pytest.raises(CheckpointError, match=f"{bad.name} is corrupt or truncated"):
             read_checkpoint(bad)
         with pytest.raises(CheckpointError, match=bad.name):
             load_backbone_weights(tiny_vit(0), bad)
@@ -160,7 +161,7 @@ def test_corrupt_and_missing_files(tmp_path):
 def test_arbitrary_objects_need_trust(tmp_path):
     path = tmp_path / "odd.pth"
     torch.save({"w": torch.zeros(1), "obj": hashlib.sha256}, path)  # a non-allowlisted global
-    with pytest.raises(CheckpointError, match="trusted=True"):
+    with pytest.raises(CheckpointError, match="openssl_sha256.*trusted=True"):
         read_checkpoint(path)
     assert read_checkpoint(path, trusted=True)["obj"] is hashlib.sha256
 
@@ -181,3 +182,10 @@ def test_save_atomic_replaces_and_leaves_no_temp(tmp_path):
         save_atomic({"bad": Unpicklable()}, path)
     assert read_checkpoint(path)["epoch"] == 2  # the previous file survives a failed write
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pth"]
+
+
+def test_project_classes_are_trusted(tmp_path):
+    # A config object from this project's own package loads without trusted=True.
+    path = tmp_path / "cfg.pth"
+    torch.save({"w": torch.zeros(1), "tf": _ToMode("L")}, path)
+    assert read_checkpoint(path)["tf"].mode == "L"

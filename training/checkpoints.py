@@ -13,6 +13,7 @@ import logging
 import os
 import pathlib
 import pickle
+import re
 import tempfile
 import zipfile
 from collections.abc import Mapping
@@ -118,13 +119,14 @@ def read_checkpoint(path: str | Path, trusted: bool = False) -> dict:
         with torch.serialization.safe_globals(allowed):
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "Weights only load failed" not in str(exc):
+        globals_named = re.findall(r"GLOBAL (\S+) was not an allowed global", str(exc))
+        if not globals_named:
             raise CheckpointError(f"checkpoint {path} is corrupt or truncated: {exc}") from exc
         if not trusted:
             raise CheckpointError(
-                f"checkpoint {path} contains Python objects other than tensors and plain data; "
-                f"refusing to unpickle them. Load it with trusted=True only if you trust its "
-                f"source. Detail: {str(exc).splitlines()[-3:]}"
+                f"checkpoint {path} contains Python objects other than tensors and plain data "
+                f"({', '.join(globals_named)}); refusing to unpickle them. Load it with "
+                f"trusted=True only if you trust its source"
             ) from exc
         log.warning("loading %s with weights_only=False (trusted source)", path)
         obj = _load_untrusted(path)
