@@ -22,7 +22,9 @@ train_min (ivf). ``service.index.meta.read_info(data_dir)`` describes a data dir
 Durability: ``add`` and ``delete`` return only after their SQLite transaction is fsynced (WAL,
 synchronous=FULL). ``index.faiss`` is only a snapshot to start fast: on open the store loads it if
 valid, re-adds rows committed after its sequence and removes rows deleted since; without a usable
-snapshot it rebuilds from SQLite. So every acknowledged item is searchable after a crash.
+snapshot it rebuilds from SQLite. So every acknowledged item is searchable after a crash. One
+process at a time may open a data dir (``flock`` on ``DATA_DIR/.lock``; a second gets
+``IndexStoreError``).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from service.index import validate as v
 from service.index.ann import AnnIndex, AnnParams
 from service.index.db import DB_FILE, ItemDB, utc_now
 from service.index.errors import DuplicateIdError, IndexStoreError
+from service.index.lock import DirLock
 from service.index.meta import check_meta
 from service.index.snapshot import SNAPSHOT_FILE, SnapshotError, read_snapshot, write_snapshot
 
@@ -90,6 +93,7 @@ class IndexStore:
         self._lock = threading.RLock()
         self._snap_lock = threading.Lock()
         self._closed = False
+        self._dir_lock: DirLock | None = None
 
     # ---- opening and recovery -----------------------------------------------------------------
     @classmethod
@@ -108,13 +112,18 @@ class IndexStore:
         data_dir = Path(data_dir)
         ann_params = AnnParams.make(index_type, **params)
         data_dir.mkdir(parents=True, exist_ok=True)
-        db = ItemDB(data_dir / DB_FILE)
+        lock = DirLock(data_dir)
+        db = None
         try:
+            db = ItemDB(data_dir / DB_FILE)
             meta = check_meta(db, data_dir, model_sha256, dim, index_type, model_name)
             store = cls._recover(data_dir, db, meta, dim, ann_params, snapshot_every, progress)
         except BaseException:
-            db.close()
+            if db is not None:
+                db.close()
+            lock.release()
             raise
+        store._dir_lock = lock
         return store
 
     @classmethod
@@ -354,6 +363,8 @@ class IndexStore:
         with self._lock:
             self._closed = True
             self._db.close()
+            if self._dir_lock is not None:
+                self._dir_lock.release()
 
     def __enter__(self) -> IndexStore:
         return self

@@ -1,0 +1,151 @@
+"""``python -m service.index {build,stats,rebuild}``: fill, inspect or rebuild the item index.
+
+Defaults come from the server's settings (``DINO_MODELS_DIR``, ``DINO_MODEL``, ``DINO_DATA_DIR``,
+``DINO_INDEX_TYPE``, ``DINO_THREADS``, ...), so the CLI and the server agree on the data dir
+and model. Stop the server first: one process at a time may open a data dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from functools import partial
+from pathlib import Path
+
+from service.engine import load_engine
+from service.index.build import build_folder, embed_files, load_metadata
+from service.index.errors import IndexStoreError
+from service.index.meta import read_info
+from service.index.rebuild import rebuild
+from service.index.store import IndexStore
+from service.manifest import ArtifactError, load_manifest
+from service.settings import Settings, SettingsError, find_model_dir
+
+log = logging.getLogger("service.index")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m service.index", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(q: argparse.ArgumentParser, model: bool) -> None:
+        q.add_argument(
+            "--data-dir", type=Path, help="index folder (default: DINO_DATA_DIR, ./data)"
+        )
+        if model:
+            q.add_argument("--models-dir", type=Path, help="default: DINO_MODELS_DIR, ./models")
+            q.add_argument(
+                "--model", help="model name in the store (default: DINO_MODEL or the only one)"
+            )
+            q.add_argument(
+                "--index-type", choices=("flat", "hnsw", "ivf"), help="default: DINO_INDEX_TYPE"
+            )
+            q.add_argument("--batch-size", type=int, default=32, help="images per inference call")
+            q.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    b = sub.add_parser("build", help="embed a folder of images into the index (resumable)")
+    b.add_argument("--images", type=Path, required=True, help="folder of images")
+    b.add_argument("--recursive", action="store_true", help="include sub-folders")
+    b.add_argument("--metadata", type=Path, help="JSON or JSONL: relative path or id -> object")
+    common(b, model=True)
+    common(sub.add_parser("stats", help="describe the index (no model needed)"), model=False)
+    r = sub.add_parser("rebuild", help="re-embed stored sources with the current model")
+    r.add_argument("--skip-missing", action="store_true", help="drop items whose source is gone")
+    common(r, model=True)
+    args = p.parse_args(argv)
+    if getattr(args, "batch_size", 1) < 1:
+        p.error("--batch-size must be >= 1")
+    return args
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    given = {
+        "data_dir": args.data_dir,
+        "models_dir": getattr(args, "models_dir", None),
+        "model": getattr(args, "model", None),
+        "index_type": getattr(args, "index_type", None),
+    }
+    settings = Settings(**{k: v for k, v in given.items() if v is not None})
+    if "index_type" not in settings.model_fields_set:
+        # Neither --index-type nor DINO_INDEX_TYPE: keep the data dir's type rather than
+        # rebuilding it as flat behind the server's back.
+        try:
+            recorded = read_info(settings.data_dir)["type"]
+        except IndexStoreError:
+            recorded = None
+        if recorded:
+            settings = settings.model_copy(update={"index_type": recorded})
+    return settings
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    if args.command == "stats":
+        print(json.dumps(read_info(settings.data_dir), indent=2))
+        return 0
+    model_dir = find_model_dir(settings)
+    manifest = load_manifest(model_dir)
+    engine = load_engine(model_dir, manifest, settings.model_variant, settings.threads)
+    embed = partial(
+        embed_files,
+        manifest=manifest,
+        engine=engine,
+        max_pixels=settings.max_image_pixels,
+        thumbnail_side=settings.thumbnail_side,
+    )
+    progress = not args.no_progress
+    if args.command == "rebuild":
+        report = rebuild(
+            settings.data_dir,
+            manifest.model_sha256,
+            manifest.embed_dim,
+            embed,
+            model_name=manifest.name,
+            index_type=settings.index_type,
+            batch_size=args.batch_size,
+            skip_missing=args.skip_missing,
+            progress=progress,
+        )
+        print(json.dumps(report, indent=2))
+        return 0
+    metadata = load_metadata(args.metadata) if args.metadata else None
+    with IndexStore.open(
+        settings.data_dir,
+        manifest.model_sha256,
+        manifest.embed_dim,
+        settings.index_type,
+        model_name=manifest.name,
+        progress=progress,
+    ) as store:
+        report = build_folder(
+            store,
+            args.images,
+            embed,
+            recursive=args.recursive,
+            metadata=metadata,
+            batch_size=args.batch_size,
+            progress=progress,
+        )
+        total = len(store)
+    print(f"{report.summary()}; the index at {settings.data_dir} holds {total} items")
+    for path, why in report.failed[:20]:
+        print(f"  failed: {path}: {why}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except (SettingsError, ArtifactError, IndexStoreError, ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

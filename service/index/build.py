@@ -1,0 +1,170 @@
+"""Embed a folder of images into the index (``python -m service.index build``), resumably.
+
+Images go through the server's own decoding (``service.images``), preprocessing
+(``service.preprocess``) and onnxruntime engine (``service.engine``), so a built item's vector is
+exactly what ``POST /items`` would store. Item ids are the paths relative to the folder, with
+'/' written as ':' (ids appear in URL paths); a path that cannot be an id gets ``h:<sha256>``.
+A second run skips every id already indexed, so an interrupted build resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from service.engine import Engine, l2_normalise
+from service.images import ImageError, decode_image, thumbnail_jpeg
+from service.index.errors import InvalidItemError
+from service.index.store import IndexStore
+from service.index.validate import check_id
+from service.manifest import Manifest
+from service.preprocess import eval_pixels
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
+
+
+@dataclass
+class BuildReport:
+    found: int = 0
+    added: int = 0
+    skipped: int = 0  # already indexed
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (path, why)
+    unmatched_metadata: int = 0
+
+    def summary(self) -> str:
+        return (
+            f"{self.found} images found: {self.added} added, {self.skipped} already indexed, "
+            f"{len(self.failed)} failed"
+        )
+
+
+def find_images(root: Path, recursive: bool) -> list[Path]:
+    if not root.is_dir():
+        raise FileNotFoundError(f"--images {root} is not a folder")
+    pattern = root.rglob("*") if recursive else root.glob("*")
+    return sorted(p for p in pattern if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def item_id(relative: str) -> str:
+    """The id for a relative POSIX path: '/' -> ':'; a hash when that is not a valid id."""
+    candidate = relative.replace("/", ":")
+    try:
+        return check_id(candidate)
+    except InvalidItemError:
+        return "h:" + hashlib.sha256(relative.encode()).hexdigest()[:40]
+
+
+def load_metadata(path: Path) -> dict[str, dict]:
+    """``{key: object}`` from a JSON object (key -> metadata), or JSON/JSONL records that carry
+    ``id`` or ``path`` (a relative path or an item id) and either a ``metadata`` object or, as
+    metadata, their other fields."""
+    text = path.read_text()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        try:
+            data = [json.loads(line) for line in text.splitlines() if line.strip()]
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"--metadata {path} is neither JSON nor JSON lines: {exc}") from None
+    if isinstance(data, dict):
+        records = [{"id": key, "metadata": value} for key, value in data.items()]
+    elif isinstance(data, list):
+        records = data
+    else:
+        raise ValueError(f"--metadata {path}: expected an object or records, got {type(data)}")
+    out: dict[str, dict] = {}
+    for n, record in enumerate(records, 1):
+        key = record.get("path", record.get("id")) if isinstance(record, dict) else None
+        if not isinstance(key, str):
+            raise ValueError(f"--metadata {path}: record {n} has no string 'id' or 'path'")
+        meta = record.get("metadata")
+        if meta is None:
+            meta = {k: v for k, v in record.items() if k not in ("id", "path")}
+        if not isinstance(meta, dict):
+            raise ValueError(f"--metadata {path}: the metadata of {key!r} is not an object")
+        out[key] = meta
+    return out
+
+
+def _batches(items: list, size: int) -> Iterator[list]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def embed_files(
+    paths: list[Path],
+    manifest: Manifest,
+    engine: Engine,
+    max_pixels: int,
+    thumbnail_side: int,
+) -> tuple[list[int], np.ndarray, list[bytes], list[tuple[str, str]]]:
+    """Decode, preprocess and embed; returns (indices of the paths that worked, unit vectors,
+    thumbnails, failures)."""
+    kept, pixels, thumbs, failed = [], [], [], []
+    for i, path in enumerate(paths):
+        try:
+            img = decode_image(path.read_bytes(), max_pixels)
+        except (ImageError, OSError) as exc:
+            failed.append((str(path), str(exc)))
+            log.warning("skipping %s: %s", path, exc)
+            continue
+        kept.append(i)
+        pixels.append(eval_pixels(img, manifest))
+        thumbs.append(thumbnail_jpeg(img, thumbnail_side))
+    if not kept:
+        return [], np.empty((0, manifest.embed_dim), np.float32), [], failed
+    out = engine.run(np.stack(pixels), ("embedding",))["embedding"]
+    return kept, l2_normalise(out.astype(np.float32)), thumbs, failed
+
+
+def build_folder(
+    store: IndexStore,
+    images: Path,
+    embed: Callable[[list[Path]], tuple[list[int], np.ndarray, list[bytes], list]],
+    *,
+    recursive: bool = False,
+    metadata: dict[str, dict] | None = None,
+    batch_size: int = 32,
+    progress: bool = True,
+) -> BuildReport:
+    """Index every image under ``images`` that is not indexed yet; each batch is durable."""
+    root = images.resolve()
+    files = find_images(root, recursive)
+    report = BuildReport(found=len(files))
+    rel = {p: p.relative_to(root).as_posix() for p in files}
+    ids = {p: item_id(rel[p]) for p in files}
+    done = store.existing(ids.values())
+    todo = [p for p in files if ids[p] not in done]
+    report.skipped = len(files) - len(todo)
+    metadata = metadata or {}
+    used = {k for p in files for k in (rel[p], ids[p]) if k in metadata}
+    report.unmatched_metadata = len(set(metadata) - used)
+    if report.unmatched_metadata:
+        log.warning("%d metadata records match no image file", report.unmatched_metadata)
+    if report.skipped:
+        log.info("%d of %d images are already indexed; skipping them", report.skipped, len(files))
+    with tqdm(total=len(todo), unit="img", desc="indexing", disable=not progress) as bar:
+        for batch in _batches(todo, batch_size):
+            kept, vectors, thumbs, failed = embed(batch)
+            report.failed += failed
+            if kept:
+                chosen = [batch[i] for i in kept]
+                store.add(
+                    vectors,
+                    ids=[ids[p] for p in chosen],
+                    metadata=[metadata.get(rel[p], metadata.get(ids[p])) for p in chosen],
+                    sources=[str(p) for p in chosen],
+                    thumbnails=thumbs,
+                )
+                report.added += len(chosen)
+            bar.update(len(batch))
+    return report
