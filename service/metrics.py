@@ -125,8 +125,8 @@ class Metrics:
     def __init__(self) -> None:
         self.requests = Counter(
             "dino_http_requests_total",
-            "HTTP requests by endpoint and status",
-            ("endpoint", "status"),
+            "HTTP requests by method, endpoint and status",
+            ("method", "endpoint", "status"),
         )
         self.latency = Histogram(
             "dino_http_request_duration_seconds",

@@ -24,12 +24,17 @@ from service.schemas import (
 )
 
 router = APIRouter(tags=["index"])
-KQuery = Annotated[int, Query(ge=1, description="how many neighbours (at most DINO_MAX_K)")]
+DEFAULT_K = 10
+K_HELP = "how many neighbours: default 10 (or DINO_MAX_K if lower), at most DINO_MAX_K"
+KQuery = Annotated[int | None, Query(ge=1, description=K_HELP)]
 
 
-def _check_k(rt: Runtime, k: int) -> None:
+def _check_k(rt: Runtime, k: int | None) -> int:
+    if k is None:
+        return min(DEFAULT_K, rt.settings.max_k)
     if k > rt.settings.max_k:
         raise HTTPException(422, f"k={k} is above the limit of {rt.settings.max_k} (DINO_MAX_K)")
+    return k
 
 
 def _results(rt: Runtime, hits: list[Hit]) -> SimilarResponse:
@@ -45,9 +50,9 @@ def _results(rt: Runtime, hits: list[Hit]) -> SimilarResponse:
     summary="Nearest neighbours of an indexed item (the item itself left out)",
 )
 async def similar_by_id(
-    rt: RuntimeDep, id: Annotated[str, Query(min_length=1)], k: KQuery = 10
+    rt: RuntimeDep, id: Annotated[str, Query(min_length=1)], k: KQuery = None
 ) -> SimilarResponse:
-    _check_k(rt, k)
+    k = _check_k(rt, k)
     store = rt.store
     assert store is not None
     hits = await anyio.to_thread.run_sync(store.similar, id, k)
@@ -65,9 +70,9 @@ async def similar_by_id(
 async def similar_by_image(
     rt: RuntimeDep,
     image: Annotated[UploadFile, File(description="one image file")],
-    k: Annotated[int, Form(ge=1, description="how many neighbours (at most DINO_MAX_K)")] = 10,
+    k: Annotated[int | None, Form(ge=1, description=K_HELP)] = None,
 ) -> SimilarResponse:
-    _check_k(rt, k)
+    k = _check_k(rt, k)
     manifest, store, batcher = rt.manifest, rt.store, rt.batcher
     assert manifest is not None and store is not None and batcher is not None
     ((_, pixels),) = await read_images(rt, [image], lambda img: eval_pixels(img, manifest))
