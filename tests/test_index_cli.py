@@ -134,7 +134,6 @@ def test_build_resume_stats_and_refusals(tiny_vit_dir: Path, tmp_path: Path) -> 
     assert "Traceback" not in refused.stderr
 
 
-@pytest.mark.slow
 def test_rebuild_with_another_model(tiny_vit_dir: Path, tiny_resnet_dir: Path, tmp_path: Path):
     images, data = tmp_path / "images", tmp_path / "data"
     write_images(images, PHOTOS)

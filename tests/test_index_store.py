@@ -19,6 +19,7 @@ from service.index import (
     DuplicateIdError,
     IndexModelMismatch,
     IndexStore,
+    IndexStoreError,
     InvalidItemError,
     read_info,
 )
@@ -336,3 +337,12 @@ def test_snapshot_write_is_atomic(tmp_path: Path) -> None:
         leftovers = [p.name for p in tmp_path.iterdir() if ".tmp" in p.name]
         assert leftovers == []
         assert os.path.getsize(tmp_path / SNAPSHOT_FILE) > 0
+
+
+def test_one_process_per_data_dir(tmp_path: Path) -> None:
+    store = open_store(tmp_path)
+    with pytest.raises(IndexStoreError, match=f"in use by another process \\(pid {os.getpid()}\\)"):
+        open_store(tmp_path)
+    store.close()
+    with open_store(tmp_path) as again:  # released on close
+        assert len(again) == 0
