@@ -222,6 +222,9 @@ def test_reexport_replaces_atomically(tmp_path, monkeypatch, exchange):
     first = build_backbone("vit_tiny", 8, depth=2, img_size=32)
     second = build_backbone("vit_tiny", 8, depth=2, img_size=32)
     a = load_manifest(_export(first, "m", tmp_path, 32)).model_sha256
+    stale = tmp_path / ".m.tmp-killed"  # left by an export killed a day ago
+    stale.mkdir()
+    os.utime(stale, (0, 0))
     model_dir = _export(second, "m", tmp_path, 32, knn={"top1": 12.5})
     manifest = load_manifest(model_dir, verify_files=True)
     assert manifest.model_sha256 != a and manifest.knn == {"top1": 12.5}
@@ -251,6 +254,7 @@ def _official_checkpoint(backbone, path: Path) -> None:
     )
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch: ~15 s on a loaded 2-core machine
 def test_official_format_checkpoint_exports_via_cli(tmp_path):
     torch.manual_seed(3)
     teacher = build_backbone("vit_tiny", 8, img_size=32).eval()

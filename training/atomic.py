@@ -6,6 +6,7 @@ import ctypes
 import os
 import shutil
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -17,6 +18,16 @@ def publish_dir(tmp: Path, final: Path) -> None:
     """
     _fsync_tree(tmp)
     _swap_in(tmp, final)
+
+
+def remove_stale(parent: Path, name: str, max_age_s: float = 3600.0) -> None:
+    """Delete temp/old folders of ``name`` left by a killed export (older than ``max_age_s``,
+    so a concurrent export's live temp folder is spared)."""
+    now = time.time()
+    for pattern in (f".{name}.tmp-*", f".{name}.old-*"):
+        for path in parent.glob(pattern):
+            if path.is_dir() and now - path.stat().st_mtime > max_age_s:
+                shutil.rmtree(path, ignore_errors=True)
 
 
 def _fsync_tree(folder: Path) -> None:

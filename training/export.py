@@ -43,7 +43,7 @@ from service.manifest import (
     sha256_file,
     write_manifest,
 )
-from training.atomic import publish_dir
+from training.atomic import publish_dir, remove_stale
 from training.onnx_graph import EXPORTER, OPSET, export_onnx, inference_copy, output_names
 from training.parity import (
     check_parity,
@@ -131,6 +131,7 @@ def export_backbone(
     models_dir.mkdir(parents=True, exist_ok=True)
     model = inference_copy(backbone)
 
+    remove_stale(models_dir, name)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=models_dir))
     try:
         os.chmod(

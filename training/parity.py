@@ -137,12 +137,17 @@ def check_parity(
                 else None
             ),
         )
+        extra = {  # logged only: the manifest's ParityCheck has no field for patch tokens
+            k: f"{np.abs(out[k] - ref[k]).max():.2e}"
+            for k in ("attention", "patch_tokens")
+            if k in out
+        }
         log.info(
-            "parity %s: embedding max|diff| %.2e, cosine %.7f, attention max|diff| %s",
+            "parity %s: embedding max|diff| %.2e, cosine %.7f%s",
             "x".join(map(str, x.shape)),
             check.embedding_max_abs_diff,
             cosine,
-            "-" if check.attention_max_abs_diff is None else f"{check.attention_max_abs_diff:.2e}",
+            "".join(f", {k} max|diff| {v}" for k, v in extra.items()),
         )
         if not np.isfinite(cosine) or cosine < MIN_FP32_COSINE:
             raise ParityError(
