@@ -222,8 +222,8 @@ def test_reexport_replaces_atomically(tmp_path, monkeypatch, exchange):
     first = build_backbone("vit_tiny", 8, depth=2, img_size=32)
     second = build_backbone("vit_tiny", 8, depth=2, img_size=32)
     a = load_manifest(_export(first, "m", tmp_path, 32)).model_sha256
-    stale = tmp_path / ".m.tmp-killed"  # left by an export killed a day ago
-    stale.mkdir()
+    stale = tmp_path / ".staging" / "m.tmp-killed"  # left by an export killed a day ago
+    stale.mkdir(parents=True)
     os.utime(stale, (0, 0))
     model_dir = _export(second, "m", tmp_path, 32, knn={"top1": 12.5})
     manifest = load_manifest(model_dir, verify_files=True)

@@ -10,11 +10,14 @@ import time
 import uuid
 from pathlib import Path
 
+STAGING_DIR = ".staging"
+
 
 def publish_dir(tmp: Path, final: Path) -> None:
     """Flush ``tmp`` to disk, then rename it to ``final`` (replacing any existing folder).
 
-    ``tmp`` must be on the same filesystem as ``final`` (create it beside ``final``).
+    ``tmp`` must be on the same filesystem as ``final`` (e.g. in ``final.parent / STAGING_DIR``);
+    an old folder moved aside goes to ``tmp``'s parent before it is deleted.
     """
     _fsync_tree(tmp)
     _swap_in(tmp, final)
@@ -24,7 +27,7 @@ def remove_stale(parent: Path, name: str, max_age_s: float = 3600.0) -> None:
     """Delete temp/old folders of ``name`` left by a killed export (older than ``max_age_s``,
     so a concurrent export's live temp folder is spared)."""
     now = time.time()
-    for pattern in (f".{name}.tmp-*", f".{name}.old-*"):
+    for pattern in (f"{name}.tmp-*", f"{name}.old-*"):
         for path in parent.glob(pattern):
             if path.is_dir() and now - path.stat().st_mtime > max_age_s:
                 shutil.rmtree(path, ignore_errors=True)
@@ -66,7 +69,7 @@ def _swap_in(tmp: Path, final: Path) -> None:
     if _exchange(tmp, final):
         shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old folder
         return
-    old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
+    old = tmp.parent / f"{final.name}.old-{uuid.uuid4().hex[:8]}"
     os.rename(final, old)
     try:
         os.rename(tmp, final)

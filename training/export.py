@@ -13,6 +13,7 @@ nothing behind and an existing artifact of that name untouched.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -43,7 +44,7 @@ from service.manifest import (
     sha256_file,
     write_manifest,
 )
-from training.atomic import publish_dir, remove_stale
+from training.atomic import STAGING_DIR, publish_dir, remove_stale
 from training.onnx_graph import EXPORTER, OPSET, export_onnx, inference_copy, output_names
 from training.parity import (
     check_parity,
@@ -131,8 +132,12 @@ def export_backbone(
     models_dir.mkdir(parents=True, exist_ok=True)
     model = inference_copy(backbone)
 
-    remove_stale(models_dir, name)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=models_dir))
+    # Staged in a hidden sub-folder of the store (same filesystem, so the final move is a rename):
+    # a server scanning the store for <dir>/manifest.json never sees a staged or old copy.
+    staging = models_dir / STAGING_DIR
+    staging.mkdir(exist_ok=True)
+    remove_stale(staging, name)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{name}.tmp-", dir=staging))
     try:
         os.chmod(
             tmp, 0o755
@@ -206,6 +211,9 @@ def export_backbone(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        with contextlib.suppress(OSError):  # only when empty: another export may be staging
+            staging.rmdir()
 
 
 def _json_safe(value: Any) -> Any:
