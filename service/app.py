@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -65,6 +65,49 @@ class AccessLog:
             )
 
 
+class BodyLimit:
+    """413 for request bodies over ``limit`` bytes: at once from Content-Length, or as soon as a
+    streamed (chunked) body passes it. The first response sent wins; the app's own error for the
+    aborted body is dropped."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        detail = f"request body is over the limit of {self.limit} bytes (DINO_MAX_REQUEST_BYTES)"
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.limit:
+            await _error(413, detail)(scope, receive, send)
+            return
+        seen = 0
+        responded = False
+
+        async def guarded_send(message: Message) -> None:
+            if not responded:
+                await send(message)
+
+        async def counted_receive() -> Message:
+            nonlocal seen, responded
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit and not responded:
+                    await _error(413, detail)(scope, receive, send)
+                    responded = True
+                    raise BodyTooLarge(detail)
+            return message
+
+        with suppress(BodyTooLarge):
+            await self.app(scope, counted_receive, guarded_send)
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
 def _error(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"detail": detail}, status_code=status, headers=headers)
 
@@ -102,13 +145,7 @@ def _install_error_handlers(app: FastAPI, settings: Settings) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        detail = exc.detail
-        if exc.status_code == 413 and detail == "Content Too Large":
-            detail = (
-                f"request body is over the limit of {settings.max_request_bytes} bytes "
-                "(DINO_MAX_REQUEST_BYTES)"
-            )
-        return _error(exc.status_code, str(detail), getattr(exc, "headers", None))
+        return _error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def unexpected(_: Request, exc: Exception) -> JSONResponse:
@@ -133,10 +170,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         summary="Embeddings, attention maps and nearest neighbours from an exported DINO model.",
         lifespan=lifespan,
-        max_body_size=settings.max_request_bytes,
     )
     app.state.runtime = runtime
-    app.add_middleware(AccessLog, metrics=runtime.metrics)
+    app.add_middleware(BodyLimit, limit=settings.max_request_bytes)
+    app.add_middleware(AccessLog, metrics=runtime.metrics)  # outermost: sees every response
     _install_error_handlers(app, settings)
     for module in (routes_model, routes_index, routes_ops):
         app.include_router(module.router)
