@@ -1,0 +1,274 @@
+"""Training configuration: one dataclass, named presets, and CLI flags for every field.
+
+Presets:
+- ``quickstart`` (default): a small ViT (dim 192, depth 4, patch 4) on 28-px Fashion-MNIST, bf16
+  where the CPU has it, a fixed sharp teacher temperature and a higher learning rate, bounded by
+  a 14-minute time budget so the whole run (including k-NN and export) ends within 15 minutes on
+  2 CPU cores. The paper's schedules barely move a ViT in a few CPU-minutes (see MEASUREMENTS.md).
+- ``vit_small``: the paper's ViT-S/16 recipe (100 epochs; 300 with ``--epochs 300``), batch 256.
+- ``resnet50``: the official repository's ResNet-50 recipe: SGD (momentum 0.9, no LARS), lr 0.03
+  per 256 images, weight decay 1e-4 constant, crops scales 0.14-1 / 0.05-0.14, no clipping.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field, fields
+
+from training.augment import IMAGENET_MEAN, IMAGENET_STD
+
+# Fashion-MNIST pixel statistics (0-1 scale); every channel is the same grey.
+FMNIST_MEAN = (0.286, 0.286, 0.286)
+FMNIST_STD = (0.353, 0.353, 0.353)
+
+
+@dataclass
+class TrainConfig:
+    preset: str = "quickstart"
+    # data
+    dataset: str = "fmnist"  # fmnist | folder | photos
+    data: str | None = None
+    fmnist_dir: str | None = None
+    grayscale: bool = True
+    num_workers: int = 1
+    # model
+    arch: str = "vit_tiny"
+    patch_size: int = 4
+    vit_depth: int | None = 4  # None: the arch's own depth
+    drop_path_rate: float = 0.1
+    out_dim: int = 4096
+    head_hidden_dim: int = 2048
+    head_bottleneck_dim: int = 256
+    use_bn_in_head: bool = False
+    norm_last_layer: bool = True
+    # crops
+    global_size: int = 28
+    local_size: int = 16
+    global_scale: tuple[float, float] = (0.4, 1.0)
+    local_scale: tuple[float, float] = (0.1, 0.4)
+    n_local_crops: int = 2
+    mean: tuple[float, float, float] = FMNIST_MEAN
+    std: tuple[float, float, float] = FMNIST_STD
+    eval_resize: int = 28
+    eval_crop: int = 28
+    # optimisation (lr is per 256 images; the run uses lr * batch_size / 256)
+    batch_size: int = 64  # total over all processes
+    epochs: int = 3
+    optimizer: str = "adamw"  # adamw | sgd
+    lr: float = 2e-3
+    min_lr: float = 1e-5
+    warmup_epochs: float = 0.2
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.4
+    momentum_teacher: float = 0.996
+    clip_grad: float = 3.0  # per-parameter gradient norm, as DINO; 0 disables
+    freeze_last_layer: float = 0.0  # epochs (fractions allowed)
+    warmup_teacher_temp: float = 0.04
+    teacher_temp: float = 0.04
+    warmup_teacher_temp_epochs: int = 0
+    # run
+    precision: str = "auto"  # auto | fp32 | bf16
+    time_budget_min: float | None = 14.0  # whole run incl. k-NN and export; shortens schedules
+    seed: int = 0
+    log_every: int = 20
+    knn_every: int = 0  # epochs; 0: only at the end
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+    knn_batch_size: int = 512
+    export_name: str | None = None
+    models_dir: str = "models"
+    export_int8: bool = False
+    extra: dict = field(default_factory=dict)
+
+    # ------------------------------------------------------------ helpers
+
+    def backbone_kwargs(self, arch: str | None = None, drop_path: bool = False) -> dict:
+        """Keyword arguments for ``build_backbone`` beyond arch and patch size."""
+        if (arch or self.arch).startswith("resnet"):
+            return {}
+        kw: dict = {"img_size": self.global_size}
+        if self.vit_depth is not None:
+            kw["depth"] = self.vit_depth
+        if drop_path:
+            kw["drop_path_rate"] = self.drop_path_rate
+        return kw
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown config fields {unknown}")
+        hints = typing.get_type_hints(cls)
+        out = {}
+        for k, v in values.items():
+            if isinstance(v, list) and "tuple" in str(hints[k]):
+                v = tuple(v)
+            out[k] = v
+        return cls(**out)
+
+    def validate(self) -> None:
+        if self.optimizer not in ("adamw", "sgd"):
+            raise ValueError(f"--optimizer must be adamw or sgd, got {self.optimizer!r}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"--precision must be auto, fp32 or bf16, got {self.precision!r}")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError("--epochs and --batch-size must be at least 1")
+        if not 0 <= self.warmup_teacher_temp_epochs <= self.epochs:
+            raise ValueError("--warmup-teacher-temp-epochs must lie between 0 and --epochs")
+        if self.warmup_epochs > self.epochs:
+            raise ValueError("--warmup-epochs cannot exceed --epochs")
+        if self.arch.startswith("vit"):
+            for size in (self.global_size, self.local_size, self.eval_crop):
+                if size % self.patch_size:
+                    raise ValueError(
+                        f"crop size {size} is not a multiple of the patch size {self.patch_size}"
+                    )
+
+
+PRESETS: dict[str, dict] = {
+    "quickstart": {},
+    "vit_small": dict(
+        dataset="folder",
+        grayscale=False,
+        num_workers=8,
+        arch="vit_small",
+        patch_size=16,
+        vit_depth=None,
+        drop_path_rate=0.1,
+        out_dim=65536,
+        norm_last_layer=False,
+        global_size=224,
+        local_size=96,
+        global_scale=(0.4, 1.0),
+        local_scale=(0.05, 0.4),
+        n_local_crops=10,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        eval_resize=256,
+        eval_crop=224,
+        batch_size=256,
+        epochs=100,
+        lr=5e-4,
+        min_lr=1e-5,
+        warmup_epochs=10,
+        momentum_teacher=0.996,
+        freeze_last_layer=1,
+        warmup_teacher_temp=0.04,
+        teacher_temp=0.07,
+        warmup_teacher_temp_epochs=30,
+        time_budget_min=None,
+        knn_every=10,
+    ),
+    "resnet50": dict(
+        dataset="folder",
+        grayscale=False,
+        num_workers=8,
+        arch="resnet50",
+        patch_size=16,
+        vit_depth=None,
+        drop_path_rate=0.0,
+        out_dim=65536,
+        use_bn_in_head=False,
+        norm_last_layer=True,
+        global_size=224,
+        local_size=96,
+        global_scale=(0.14, 1.0),
+        local_scale=(0.05, 0.14),
+        n_local_crops=6,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        eval_resize=256,
+        eval_crop=224,
+        batch_size=256,
+        epochs=100,
+        optimizer="sgd",
+        lr=0.03,
+        min_lr=0.0048,
+        warmup_epochs=10,
+        weight_decay=1e-4,
+        weight_decay_end=1e-4,
+        momentum_teacher=0.996,
+        clip_grad=0.0,
+        freeze_last_layer=1,
+        warmup_teacher_temp=0.04,
+        teacher_temp=0.07,
+        warmup_teacher_temp_epochs=50,
+        time_budget_min=None,
+        knn_every=10,
+    ),
+}
+
+
+def preset(name: str, **overrides: object) -> TrainConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    cfg = TrainConfig(preset=name, **{**PRESETS[name], **overrides})
+    cfg.validate()
+    return cfg
+
+
+# ------------------------------------------------------------ command line
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _none_or(kind: type):
+    def parse(text: str):
+        return None if text.lower() in ("none", "null", "") else kind(text)
+
+    return parse
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One ``--field-name`` flag per config field (default: the preset's value)."""
+    hints = typing.get_type_hints(TrainConfig)
+    for f in fields(TrainConfig):
+        if f.name in ("preset", "extra"):
+            continue
+        hint = str(hints[f.name])
+        kw: dict = {"default": argparse.SUPPRESS, "dest": f.name}
+        if "tuple" in hint:
+            kw.update(type=float, nargs="+", metavar="X")
+        elif "bool" in hint:
+            kw.update(type=_bool, metavar="true|false")
+        else:
+            base = next(t for t in (int, float, str) if t.__name__ in hint)
+            kw.update(type=_none_or(base) if "None" in hint else base)
+        parser.add_argument(_flag(f.name), **kw)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The preset named by ``args.preset`` with every flag given on the command line applied."""
+    names = {f.name for f in fields(TrainConfig)} - {"preset", "extra"}
+    overrides = {k: v for k, v in vars(args).items() if k in names}
+    for k, v in overrides.items():
+        if isinstance(v, list):
+            overrides[k] = tuple(v)
+    if overrides.get("data") and "dataset" not in overrides:
+        overrides["dataset"] = "folder"
+    if "data" in overrides and overrides.get("data") and args.preset == "quickstart":
+        # Your own images are RGB photos unless said otherwise: colour crops and ImageNet stats.
+        overrides.setdefault("grayscale", False)
+        overrides.setdefault("mean", IMAGENET_MEAN)
+        overrides.setdefault("std", IMAGENET_STD)
+    return preset(args.preset, **overrides)

@@ -1,0 +1,184 @@
+"""``python -m training.run``: train DINO, evaluate with k-NN, export a servable model.
+
+    python -m training.run                                  # quickstart: Fashion-MNIST, <= 15 min
+    python -m training.run --data DIR --out runs/mine       # your images (class subfolders or not)
+    python -m training.run --preset vit_small --data /imagenet
+    python -m training.run --out runs/mine --resume         # continue exactly where it stopped
+    torchrun --nproc_per_node=2 -m training.run ...         # DDP (gloo on CPU, nccl on GPU)
+
+Every config field is a flag (``--lr``, ``--epochs``, ``--n-local-crops`` ...); the run folder
+gets ``config.json``, ``checkpoint.pth``, ``metrics.jsonl``, ``train.log`` and ``knn.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from training.checkpoints import file_sha256, read_checkpoint
+from training.config import PRESETS, TrainConfig, add_config_flags, config_from_args
+from training.data import DatasetError, load_splits
+from training.distributed import DistInfo, barrier, cleanup, init_distributed
+from training.trainer import CHECKPOINT_NAME, Trainer, TrainingDiverged
+
+log = logging.getLogger("training.run")
+
+# Fields a resumed run may change: they do not touch the model or its schedules.
+RESUMABLE_OVERRIDES = {
+    "data",
+    "fmnist_dir",
+    "num_workers",
+    "log_every",
+    "knn_every",
+    "knn_batch_size",
+    "export_name",
+    "models_dir",
+    "export_int8",
+    "time_budget_min",
+    "precision",
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m training.run",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--preset", default="quickstart", choices=sorted(PRESETS))
+    p.add_argument("--out", help="run folder (default: runs/<preset>-<time>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--no-export", action="store_true", help="skip the ONNX export at the end")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
+    add_config_flags(p)
+    return p.parse_args(argv)
+
+
+def setup_logging(run_dir: Path | None, is_main: bool) -> None:
+    root = logging.getLogger()
+    root.setLevel(logging.INFO if is_main else logging.WARNING)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+    if not any(isinstance(h, logging.StreamHandler) for h in root.handlers):
+        h = logging.StreamHandler(sys.stderr)
+        h.setFormatter(fmt)
+        root.addHandler(h)
+    if run_dir is not None and is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fh = logging.FileHandler(run_dir / "train.log")
+        fh.setFormatter(fmt)
+        root.addHandler(fh)
+
+
+def resolve_config(args: argparse.Namespace, run_dir: Path) -> TrainConfig:
+    """A new run's config from preset + flags; a resumed run's from its checkpoint."""
+    if not args.resume:
+        return config_from_args(args)
+    ckpt = run_dir / CHECKPOINT_NAME
+    if not ckpt.is_file():
+        raise SystemExit(f"--resume: no {CHECKPOINT_NAME} in {run_dir}; pass the run's --out")
+    cfg = TrainConfig.from_dict(read_checkpoint(ckpt)["config"])
+    given = {k for k in vars(args) if k in cfg.to_dict()}
+    fixed = sorted(given - RESUMABLE_OVERRIDES)
+    if fixed:
+        raise SystemExit(
+            f"--resume continues the saved schedule; these flags would change it: {fixed}. "
+            f"Only {sorted(RESUMABLE_OVERRIDES)} may change on resume."
+        )
+    for k in given:
+        setattr(cfg, k, getattr(args, k))
+    return cfg
+
+
+def export_teacher(trainer: Trainer, cfg: TrainConfig, knn: dict | None, name: str) -> Path:
+    from training.export import export_backbone, git_commit
+
+    ckpt = trainer.checkpoint_path
+    provenance = {
+        "source": "training",
+        "git_commit": git_commit(),
+        "training_config": cfg.to_dict(),
+        "checkpoint_sha256": file_sha256(ckpt) if ckpt.is_file() else None,
+    }
+    return export_backbone(
+        trainer.teacher.backbone,
+        name,
+        cfg.models_dir,
+        arch=cfg.arch,
+        train_image_size=cfg.global_size,
+        mean=cfg.mean,
+        std=cfg.std,
+        eval_resize=cfg.eval_resize,
+        eval_crop=cfg.eval_crop,
+        provenance=provenance,
+        knn=knn,
+        int8=cfg.export_int8,
+    )
+
+
+def main(argv: list[str] | None = None) -> dict:
+    t_start = time.time()  # the time budget counts from here: data loading and export included
+    args = parse_args(argv)
+    dist: DistInfo = init_distributed(args.device)
+    run_dir = Path(args.out or f"runs/{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
+    setup_logging(run_dir, dist.is_main)
+    try:
+        cfg = resolve_config(args, run_dir)
+        if dist.is_main:
+            (run_dir / "config.json").write_text(cfg.to_json() + "\n")
+        log.info(
+            "preset %s: %s (patch %s) on %s, %d epochs, batch %d over %d process(es), %s; run "
+            "folder %s",
+            cfg.preset,
+            cfg.arch,
+            cfg.patch_size,
+            cfg.dataset if cfg.dataset != "folder" else cfg.data,
+            cfg.epochs,
+            cfg.batch_size,
+            dist.world_size,
+            f"time budget {cfg.time_budget_min} min" if cfg.time_budget_min else "no time budget",
+            run_dir,
+        )
+        splits = load_splits(cfg.dataset, cfg.data, cfg.fmnist_dir)
+        knn_sets = (splits.knn_train, splits.knn_test) if splits.labelled else None
+        trainer = Trainer(cfg, splits.train, run_dir, dist, knn_sets)
+        log.info(
+            "data: %s; %d training images, %d steps per epoch; precision %s; %d torch threads, "
+            "%d loader workers",
+            splits.description,
+            len(trainer.dataset),
+            len(trainer.loader),
+            trainer.precision,
+            torch.get_num_threads(),
+            cfg.num_workers,
+        )
+        if args.resume:
+            trainer.load_checkpoint()
+        deadline = t_start + 60 * cfg.time_budget_min if cfg.time_budget_min else None
+        summary = trainer.fit(deadline)
+        knn = trainer.run_knn("knn.json")
+        summary["knn"] = knn
+        if dist.is_main and not args.no_export:
+            name = cfg.export_name or run_dir.name
+            summary["export"] = str(export_teacher(trainer, cfg, knn, name))
+            log.info("servable model: %s", summary["export"])
+        barrier()
+        summary["wall_seconds"] = round(time.time() - t_start, 1)
+        if dist.is_main:
+            (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        log.info("done in %.1f min", summary["wall_seconds"] / 60)
+        return summary
+    except (DatasetError, TrainingDiverged, ValueError) as exc:
+        log.error("%s", exc)
+        raise SystemExit(f"error: {exc}") from exc
+    finally:
+        cleanup()
+
+
+if __name__ == "__main__":
+    main()

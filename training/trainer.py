@@ -1,0 +1,559 @@
+"""The DINO training loop: student and EMA teacher, per-iteration schedules, checkpoints, resume.
+
+Schedules are indexed by the global iteration. A time budget shortens them up front: a few timed
+calibration steps (then undone) give seconds per step, and every epoch-denominated length (cosine
+schedules, warm-ups, last-layer freeze, teacher-temperature warm-up) is scaled by the same factor,
+so a shortened run is the same recipe compressed rather than a long recipe cut off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from tqdm import tqdm
+
+from training.augment import MultiCropAugmentation, eval_transform
+from training.backbones import build_backbone
+from training.checkpoints import CheckpointError, read_checkpoint, save_atomic
+from training.config import TrainConfig
+from training.distributed import (
+    DistInfo,
+    all_reduce_mean,
+    any_rank,
+    barrier,
+    broadcast_object,
+)
+from training.head import DINOHead, MultiCropWrapper, cancel_last_layer_gradients, get_params_groups
+from training.knn import evaluate_knn, extract_features
+from training.loss import DINOLoss
+from training.schedules import cosine_scheduler, scaled_lr
+
+log = logging.getLogger(__name__)
+
+FORMAT_TAG = "dino-feature-service/train-checkpoint/v1"
+CHECKPOINT_NAME = "checkpoint.pth"
+EXPORT_RESERVE_S = 60.0  # time kept for the ONNX export when planning a time budget
+CALIBRATION_STEPS = 6
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is left untouched."""
+
+
+def cpu_has_bf16() -> bool:
+    """True when the CPU has bf16 matrix units (AMX) or AVX-512 bf16 instructions."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def resolve_precision(precision: str, device: str | torch.device) -> str:
+    """``auto`` -> ``bf16`` on CUDA with bf16 support or a bf16-capable CPU, else ``fp32``."""
+    if precision != "auto":
+        return precision
+    if torch.device(device).type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if cpu_has_bf16() else "fp32"
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
+    """``teacher <- m * teacher + (1 - m) * student`` for every parameter."""
+    t_params = list(teacher.parameters())
+    s_params = [p.detach() for p in student.parameters()]
+    if len(t_params) != len(s_params):
+        raise ValueError("teacher and student have different parameter lists")
+    torch._foreach_mul_(t_params, momentum)
+    torch._foreach_add_(t_params, s_params, alpha=1.0 - momentum)
+
+
+def clip_gradients(model: nn.Module, clip: float) -> None:
+    """DINO's clipping: each parameter's gradient norm is capped at ``clip`` separately."""
+    for p in model.parameters():
+        if p.grad is not None:
+            norm = p.grad.norm(2)
+            p.grad.mul_(torch.clamp(clip / (norm + 1e-6), max=1.0))
+
+
+@dataclass
+class Plan:
+    """The schedule geometry, stored in the checkpoint so a resumed run rebuilds it exactly."""
+
+    iters_per_epoch: int  # real batches per pass over the data
+    sched_iters_per_epoch: int  # iterations one config epoch spans (< iters_per_epoch if budgeted)
+    epochs: int
+
+    @property
+    def total_iters(self) -> int:
+        return self.epochs * self.sched_iters_per_epoch
+
+    @property
+    def scale(self) -> float:
+        return self.sched_iters_per_epoch / self.iters_per_epoch
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def build_wrapper(cfg: TrainConfig, drop_path: bool) -> MultiCropWrapper:
+    backbone = build_backbone(
+        cfg.arch, patch_size=cfg.patch_size, **cfg.backbone_kwargs(drop_path=drop_path)
+    )
+    head = DINOHead(
+        backbone.embed_dim,
+        cfg.out_dim,
+        use_bn=cfg.use_bn_in_head,
+        norm_last_layer=cfg.norm_last_layer,
+        hidden_dim=cfg.head_hidden_dim,
+        bottleneck_dim=cfg.head_bottleneck_dim,
+    )
+    return MultiCropWrapper(backbone, head)
+
+
+class Trainer:
+    """Owns models, optimiser, loss, data loader and the run folder (rank 0 writes)."""
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        train_set: Dataset,
+        run_dir: str | Path,
+        dist: DistInfo | None = None,
+        knn_sets: tuple[Dataset, Dataset] | None = None,
+        show_progress: bool = True,
+    ) -> None:
+        cfg.validate()
+        self.cfg = cfg
+        self.dist = dist or DistInfo()
+        self.device = self.dist.device
+        self.run_dir = Path(run_dir)
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.show_progress = show_progress and self.dist.is_main
+        self.precision = resolve_precision(cfg.precision, self.device)
+        seed_everything(cfg.seed + self.dist.rank)
+
+        aug = MultiCropAugmentation(
+            cfg.global_size,
+            cfg.local_size,
+            tuple(cfg.global_scale),
+            tuple(cfg.local_scale),
+            cfg.n_local_crops,
+            cfg.mean,
+            cfg.std,
+            grayscale=cfg.grayscale,
+        )
+        self.ncrops = aug.n_crops
+        self.dataset = train_set.with_transform(aug)
+        world = self.dist.world_size
+        if cfg.batch_size % world:
+            raise ValueError(f"--batch-size {cfg.batch_size} does not split over {world} processes")
+        self.batch_per_rank = cfg.batch_size // world
+        # Also used in one process: a seeded permutation per epoch makes resume exact.
+        self.sampler = DistributedSampler(
+            self.dataset, num_replicas=world, rank=self.dist.rank, seed=cfg.seed, drop_last=True
+        )
+        self.loader = DataLoader(
+            self.dataset,
+            batch_size=self.batch_per_rank,
+            sampler=self.sampler,
+            num_workers=cfg.num_workers,
+            drop_last=True,
+            pin_memory=self.device.type == "cuda",
+        )
+        if len(self.loader) == 0:
+            raise ValueError(
+                f"{len(self.dataset)} training images make no full batch of {cfg.batch_size}; "
+                "lower --batch-size or add images"
+            )
+        self.knn_sets = None
+        if knn_sets is not None:
+            tf = eval_transform(cfg.eval_resize, cfg.eval_crop, cfg.mean, cfg.std)
+            self.knn_sets = (knn_sets[0].with_transform(tf), knn_sets[1].with_transform(tf))
+
+        student = build_wrapper(cfg, drop_path=True).to(self.device)
+        teacher = build_wrapper(cfg, drop_path=False).to(self.device)
+        if self.dist.distributed and self.device.type == "cuda" and cfg.arch.startswith("resnet"):
+            student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
+            teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
+        self.student_plain = student
+        if self.dist.distributed:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.student: nn.Module = DistributedDataParallel(student, device_ids=ids)
+        else:
+            self.student = student
+        # After the DDP wrap, which broadcast rank 0's weights: every teacher starts equal.
+        teacher.load_state_dict(student.state_dict())
+        for p in teacher.parameters():
+            p.requires_grad = False
+        self.teacher = teacher
+
+        self.lr_peak = scaled_lr(cfg.lr, cfg.batch_size)
+        groups = get_params_groups(student)
+        if cfg.optimizer == "adamw":
+            self.optimizer: torch.optim.Optimizer = torch.optim.AdamW(groups)
+        else:
+            self.optimizer = torch.optim.SGD(groups, lr=0.0, momentum=0.9)
+        self.loss = DINOLoss(
+            cfg.out_dim,
+            self.ncrops,
+            cfg.warmup_teacher_temp,
+            cfg.teacher_temp,
+            cfg.warmup_teacher_temp_epochs,
+            cfg.epochs,
+        ).to(self.device)
+        self.epoch = 0  # passes over the data completed
+        self.iteration = 0
+        self.plan: Plan | None = None
+        self.history: list[dict] = []
+        self._tb = None
+        self.reserve_s = EXPORT_RESERVE_S  # time kept after training; planning adds the k-NN
+
+    # ------------------------------------------------------------ schedules and planning
+
+    def autocast(self):
+        if self.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def build_schedules(self, plan: Plan) -> None:
+        cfg, n = self.cfg, plan.sched_iters_per_epoch
+        self.plan = plan
+        warm = min(cfg.warmup_epochs, cfg.epochs)
+        self.lr_sched = cosine_scheduler(self.lr_peak, cfg.min_lr, cfg.epochs, n, warm)
+        self.wd_sched = cosine_scheduler(cfg.weight_decay, cfg.weight_decay_end, cfg.epochs, n)
+        self.mom_sched = cosine_scheduler(cfg.momentum_teacher, 1.0, cfg.epochs, n)
+        self.freeze_iters = int(round(cfg.freeze_last_layer * n))
+
+    def plan_run(self, deadline: float | None) -> Plan:
+        """Full schedule, or one compressed so training, k-NN and export end by ``deadline``."""
+        n = len(self.loader)
+        plan = Plan(n, n, self.cfg.epochs)
+        if deadline is None:
+            return plan
+        step_s, knn_s = self._calibrate()
+        self.reserve_s = knn_s + EXPORT_RESERVE_S
+        available = deadline - time.time() - self.reserve_s
+        fit = max(int(available / step_s), self.cfg.epochs)
+        if fit < plan.total_iters:
+            plan = Plan(n, max(fit // self.cfg.epochs, 1), self.cfg.epochs)
+        plan = broadcast_object(plan)
+        log.info(
+            "plan: %.3f s/step, k-NN ~%.0f s; %d steps (%.2f passes over the data, schedules x%.3f)"
+            ", training ends in ~%.1f min",
+            step_s,
+            knn_s,
+            plan.total_iters,
+            plan.total_iters / n,
+            plan.scale,
+            plan.total_iters * step_s / 60,
+        )
+        return plan
+
+    def _calibrate(self) -> tuple[float, float]:
+        """Seconds per training step and an estimate of the k-NN time; all state is restored."""
+        saved = copy.deepcopy(
+            (self.student_plain.state_dict(), self.teacher.state_dict(),
+             self.optimizer.state_dict(), self.loss.state_dict(), rng_state())
+        )  # fmt: skip
+        self.build_schedules(Plan(len(self.loader), len(self.loader), self.cfg.epochs))
+        times = []
+        batches = iter(self.loader)
+        t = time.perf_counter()
+        for _ in range(min(CALIBRATION_STEPS, len(self.loader))):
+            self._step(next(batches)[0])
+            times.append(time.perf_counter() - t)
+            t = time.perf_counter()
+        del batches
+        self.iteration = 0
+        step_s = float(np.median(times[2:] if len(times) > 3 else times))
+        knn_s = 0.0
+        if self.knn_sets and self.dist.is_main:
+            probe = Subset(
+                self.knn_sets[0], range(min(2 * self.cfg.knn_batch_size, len(self.knn_sets[0])))
+            )
+            t = time.perf_counter()
+            self._extract(probe)
+            per_image = (time.perf_counter() - t) / len(probe)
+            knn_s = 1.2 * per_image * sum(len(s) for s in self.knn_sets) + 5.0
+        self.student_plain.load_state_dict(saved[0])
+        self.teacher.load_state_dict(saved[1])
+        self.optimizer.load_state_dict(saved[2])
+        self.loss.load_state_dict(saved[3])
+        set_rng_state(saved[4])
+        self.plan = None
+        return step_s, float(broadcast_object(knn_s))
+
+    # ------------------------------------------------------------ one step
+
+    def _sched_epoch(self) -> int:
+        return self.iteration // self.plan.sched_iters_per_epoch
+
+    def _step(self, crops: list[torch.Tensor]) -> float:
+        it = self.iteration
+        for i, group in enumerate(self.optimizer.param_groups):
+            group["lr"] = float(self.lr_sched[it])
+            if i == 0:  # only the decayed group; biases and norms keep weight_decay 0
+                group["weight_decay"] = float(self.wd_sched[it])
+        crops = [c.to(self.device, non_blocking=True) for c in crops]
+        with self.autocast():
+            with torch.no_grad():
+                teacher_out = self.teacher(crops[:2])
+            student_out = self.student(crops)
+            loss = self.loss(student_out, teacher_out, self._sched_epoch())
+        value = all_reduce_mean(loss.detach().float()).item()
+        if not math.isfinite(value):
+            raise TrainingDiverged(
+                f"loss is {value} at iteration {it} (epoch {self.epoch}); stopping. The last good "
+                f"checkpoint is {self.run_dir / CHECKPOINT_NAME}. Try a lower --lr, --precision "
+                "fp32 or a longer --warmup-epochs."
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.cfg.clip_grad:
+            clip_gradients(self.student_plain, self.cfg.clip_grad)
+        # Compared in iterations so that fractional / budget-scaled freeze lengths work.
+        cancel_last_layer_gradients(self.student_plain, it, self.freeze_iters)
+        self.optimizer.step()
+        ema_update(self.teacher, self.student_plain, float(self.mom_sched[it]))
+        self.iteration += 1
+        return value
+
+    # ------------------------------------------------------------ the loop
+
+    def fit(self, deadline: float | None = None, stop_after_epochs: int | None = None) -> dict:
+        """Train until the schedule ends (or ``stop_after_epochs`` passes, for tests/interrupts).
+
+        Past ``deadline`` minus the k-NN/export reserve the loop stops early with a warning.
+        """
+        if self.plan is None:
+            self.build_schedules(self.plan_run(deadline))
+        plan = self.plan
+        ln_k = math.log(self.cfg.out_dim)
+        stop_at = None if deadline is None else deadline - self.reserve_s
+        t_start = time.time()
+        stopped_early = False
+        while self.iteration < plan.total_iters and not stopped_early:
+            self.sampler.set_epoch(self.epoch)
+            steps_left = plan.total_iters - self.iteration
+            bar = tqdm(
+                self.loader,
+                total=min(len(self.loader), steps_left),
+                desc=f"epoch {self.epoch + 1}/{math.ceil(plan.total_iters / plan.iters_per_epoch)}",
+                disable=not self.show_progress,
+                dynamic_ncols=True,
+            )
+            t_epoch, losses, t_last, n_last = time.time(), [], time.time(), 0
+            for crops, _ in bar:
+                if self.iteration >= plan.total_iters:
+                    break
+                it = self.iteration
+                loss = self._step(crops)
+                losses.append(loss)
+                n_last += 1
+                if it % self.cfg.log_every == 0 or self.iteration == plan.total_iters:
+                    now = time.time()
+                    row = {
+                        "kind": "step",
+                        "epoch": self.epoch,
+                        "iteration": it,
+                        "loss": loss,
+                        "lr": float(self.lr_sched[it]),
+                        "wd": float(self.wd_sched[it]),
+                        "momentum": float(self.mom_sched[it]),
+                        "teacher_temp": self.loss.teacher_temp_at(self._sched_epoch()),
+                        "teacher_entropy": self.loss.last_teacher_entropy,
+                        "ln_out_dim": ln_k,
+                        "img_per_s": n_last * self.cfg.batch_size / max(now - t_last, 1e-9),
+                        "time": now - t_start,
+                    }
+                    t_last, n_last = now, 0
+                    self._log_metrics(row)
+                    bar.set_postfix(loss=f"{loss:.3f}", H=f"{row['teacher_entropy']:.2f}")
+                if stop_at is not None and any_rank(time.time() > stop_at):
+                    log.warning(
+                        "time budget reached at iteration %d: stopping early", self.iteration
+                    )
+                    stopped_early = True
+                    break
+            self.epoch += 1
+            seconds = time.time() - t_epoch
+            self._log_metrics(
+                {
+                    "kind": "epoch",
+                    "epoch": self.epoch - 1,
+                    "iteration": self.iteration,
+                    "loss": float(np.mean(losses)) if losses else float("nan"),
+                    "seconds": seconds,
+                    "img_per_s": len(losses) * self.cfg.batch_size / max(seconds, 1e-9),
+                }
+            )
+            self.save_checkpoint()
+            if (
+                self.cfg.knn_every
+                and self.epoch % self.cfg.knn_every == 0
+                and not (self.iteration >= plan.total_iters)
+            ):
+                self.run_knn(f"knn_epoch{self.epoch}.json")
+            if stop_after_epochs is not None and self.epoch >= stop_after_epochs:
+                break
+        return {
+            "iterations": self.iteration,
+            "epochs": self.epoch,
+            "seconds": time.time() - t_start,
+            "stopped_early": stopped_early,
+            "final_loss": self.history[-1]["loss"] if self.history else None,
+        }
+
+    # ------------------------------------------------------------ evaluation and output
+
+    def _extract(self, dataset: Dataset):
+        return extract_features(
+            self.teacher.backbone,
+            dataset,
+            batch_size=self.cfg.knn_batch_size,
+            num_workers=self.cfg.num_workers,
+            device=self.device,
+            bf16=self.precision == "bf16",
+            show_progress=False,
+        )
+
+    def run_knn(self, filename: str = "knn.json") -> dict | None:
+        """k-NN of the teacher backbone (rank 0; others wait). ``None`` without labels."""
+        if self.knn_sets is None:
+            return None
+        result = None
+        if self.dist.is_main:
+            result = evaluate_knn(
+                self.teacher.backbone,
+                *self.knn_sets,
+                k=self.cfg.knn_k,
+                temperature=self.cfg.knn_temperature,
+                batch_size=self.cfg.knn_batch_size,
+                num_workers=self.cfg.num_workers,
+                device=self.device,
+                bf16=self.precision == "bf16",
+                show_progress=self.show_progress,
+            )
+            result.update(epoch=self.epoch, iteration=self.iteration)
+            (self.run_dir / filename).write_text(json.dumps(result, indent=2) + "\n")
+            self._log_metrics({"kind": "knn", **result})
+        barrier()
+        return result
+
+    def _log_metrics(self, row: dict) -> None:
+        self.history.append(row)
+        if not self.dist.is_main:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if row["kind"] == "epoch":
+            log.info(
+                "epoch %d done: loss %.4f, %.0f img/s, %.1f s",
+                row["epoch"] + 1,
+                row["loss"],
+                row["img_per_s"],
+                row["seconds"],
+            )
+        tb = self._tensorboard()
+        if tb is not None:
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and k not in ("epoch", "iteration"):
+                    tb.add_scalar(f"{row['kind']}/{k}", v, row.get("iteration", 0))
+
+    def _tensorboard(self):
+        if self._tb is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # optional: only when tensorboard is installed
+                self._tb = False
+            else:
+                self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+        return self._tb or None
+
+    # ------------------------------------------------------------ checkpoints
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.run_dir / CHECKPOINT_NAME
+
+    def save_checkpoint(self) -> None:
+        if self.dist.is_main:
+            state = {
+                "format": FORMAT_TAG,
+                "student": self.student_plain.state_dict(),
+                "teacher": self.teacher.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "dino_loss": self.loss.state_dict(),
+                "epoch": self.epoch,
+                "iteration": self.iteration,
+                "plan": asdict(self.plan),
+                "config": self.cfg.to_dict(),
+                "rng": rng_state(),
+            }
+            save_atomic(state, self.checkpoint_path)
+        barrier()
+
+    def load_checkpoint(self, path: str | Path | None = None) -> None:
+        """Restore everything a resumed run needs to take the same next step."""
+        path = Path(path or self.checkpoint_path)
+        state = read_checkpoint(path)
+        if state.get("format") != FORMAT_TAG:
+            raise CheckpointError(
+                f"{path} is not a training checkpoint of this project (format "
+                f"{state.get('format')!r}); --resume needs the checkpoint.pth of a run folder"
+            )
+        self.student_plain.load_state_dict(state["student"])
+        self.teacher.load_state_dict(state["teacher"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.loss.load_state_dict(state["dino_loss"])
+        self.epoch, self.iteration = int(state["epoch"]), int(state["iteration"])
+        self.build_schedules(Plan(**state["plan"]))
+        if self.plan.iters_per_epoch != len(self.loader):
+            raise CheckpointError(
+                f"the data changed: {len(self.loader)} batches per epoch now, "
+                f"{self.plan.iters_per_epoch} when {path} was written"
+            )
+        if self.dist.is_main:
+            set_rng_state(state["rng"])
+        else:  # the saved state is rank 0's; other ranks get their own stream
+            seed_everything(self.cfg.seed + 1000 * self.epoch + self.dist.rank)
+        log.info("resumed from %s at epoch %d, iteration %d", path, self.epoch, self.iteration)
