@@ -1,0 +1,143 @@
+"""Export a trained ``PatchDecoder`` beside a served model: ``decoder.onnx`` + ``decoder.json``.
+
+The decoder graph takes ``patch_grid`` float32 ``[B, D, h, w]`` (the artifact's ``patch_tokens``
+``[B, h*w, D]`` reshaped row-major; dynamic B, h, w) and gives ``image`` ``[B, 3, h*p, w*p]``, RGB
+in [0, 1]. ``decoder.json`` records the backbone's ``model.onnx`` sha256 so a server never pairs
+a decoder with weights it was not trained on. The backbone's ``manifest.json`` is left as it is
+(the artifact contract does not know decoders yet).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+
+from service.manifest import MODEL_FILE, load_manifest, sha256_file
+from training.decoder import PatchDecoder
+from training.export import git_commit
+from training.onnx_graph import OPSET, inference_copy
+from training.parity import ParityError
+
+log = logging.getLogger(__name__)
+
+DECODER_FILE = "decoder.onnx"
+DECODER_META = "decoder.json"
+DECODER_INPUT = "patch_grid"
+DECODER_OUTPUT = "image"
+MAX_PARITY_DIFF = 1e-4  # pixels in [0, 1]
+
+
+def _write_onnx(decoder: PatchDecoder, path: Path, grid: int) -> None:
+    sample = torch.randn(
+        2, decoder.embed_dim, grid, grid, generator=torch.Generator().manual_seed(0)
+    )
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore", category=DeprecationWarning)
+        warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
+        torch.onnx.export(
+            decoder,
+            (sample,),
+            str(path),
+            dynamo=False,
+            external_data=False,
+            opset_version=OPSET,
+            input_names=[DECODER_INPUT],
+            output_names=[DECODER_OUTPUT],
+            dynamic_axes={
+                DECODER_INPUT: {0: "batch", 2: "grid_h", 3: "grid_w"},
+                DECODER_OUTPUT: {0: "batch", 2: "height", 3: "width"},
+            },
+            do_constant_folding=True,
+        )
+    onnx.checker.check_model(str(path))
+
+
+def decoder_parity(decoder: PatchDecoder, path: Path) -> list[dict]:
+    """ORT vs PyTorch at a few grids (square and not, batch 1 and 2); raises ``ParityError``."""
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    gen = torch.Generator().manual_seed(1)
+    checks = []
+    for b, h, w in ((1, 4, 4), (2, 3, 5), (1, 7, 6)):
+        grid = torch.randn(b, decoder.embed_dim, h, w, generator=gen)
+        with torch.no_grad():
+            want = decoder(grid).numpy()
+        (got,) = session.run([DECODER_OUTPUT], {DECODER_INPUT: grid.numpy()})
+        diff = float(np.abs(got - want).max())
+        checks.append({"shape": [b, decoder.embed_dim, h, w], "max_abs_diff": diff})
+        if got.shape != want.shape or diff > MAX_PARITY_DIFF:
+            raise ParityError(
+                f"decoder ONNX differs from PyTorch at grid {h}x{w}: shapes {got.shape} vs "
+                f"{want.shape}, max abs diff {diff:.2e} (limit {MAX_PARITY_DIFF})"
+            )
+    return checks
+
+
+def export_decoder(decoder: PatchDecoder, model_dir: str | Path, training: dict) -> Path:
+    """Write ``decoder.onnx`` and ``decoder.json`` into ``model_dir`` (an exported model whose
+    patch size and width the decoder must match); return the json's path. Files are written to
+    temp names and renamed, ``decoder.json`` last, so a reader never sees a half-written pair."""
+    model_dir = Path(model_dir)
+    manifest = load_manifest(model_dir, verify_files=True)
+    if manifest.family != "vit" or manifest.patch_size != decoder.patch_size:
+        raise ValueError(
+            f"{model_dir} serves {manifest.arch} (patch {manifest.patch_size}); the decoder was "
+            f"built for patch {decoder.patch_size} tokens"
+        )
+    if manifest.embed_dim != decoder.embed_dim:
+        raise ValueError(
+            f"{model_dir} has embed_dim {manifest.embed_dim}; the decoder takes {decoder.embed_dim}"
+        )
+    model = inference_copy(decoder)
+    fd, tmp_name = tempfile.mkstemp(prefix=".decoder.", suffix=".onnx", dir=model_dir)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        t0 = time.perf_counter()
+        _write_onnx(model, tmp, grid=4)
+        parity = decoder_parity(model, tmp)
+        meta = {
+            "format_version": 1,
+            "file": DECODER_FILE,
+            "sha256": sha256_file(tmp),
+            "bytes": tmp.stat().st_size,
+            "input": DECODER_INPUT,
+            "input_layout": "[B, D, h, w]: patch_tokens [B, h*w, D] reshaped row-major",
+            "output": DECODER_OUTPUT,
+            "output_range": [0.0, 1.0],
+            "backbone": manifest.name,
+            "backbone_sha256": manifest.files[MODEL_FILE].sha256,
+            "patch_size": decoder.patch_size,
+            "embed_dim": decoder.embed_dim,
+            "decoder": decoder.config,
+            "opset": OPSET,
+            "parity": parity,
+            "training": training,
+            "git_commit": git_commit(),
+            "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, model_dir / DECODER_FILE)
+        meta_tmp = model_dir / f".{DECODER_META}.tmp"
+        meta_tmp.write_text(json.dumps(meta, indent=2) + "\n")
+        os.replace(meta_tmp, model_dir / DECODER_META)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    log.info(
+        "decoder: %s (%.1f MB, parity max diff %.1e) in %.1f s",
+        model_dir / DECODER_FILE,
+        meta["bytes"] / 1e6,
+        max(c["max_abs_diff"] for c in parity),
+        time.perf_counter() - t0,
+    )
+    return model_dir / DECODER_META
