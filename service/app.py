@@ -23,9 +23,10 @@ from service import routes_index, routes_model, routes_ops
 from service.batcher import Overloaded
 from service.images import ImageError
 from service.index import DuplicateIdError, IndexStoreError, InvalidItemError
+from service.manifest import ArtifactError
 from service.metrics import Metrics
 from service.runtime import Runtime
-from service.settings import Settings
+from service.settings import Settings, SettingsError
 
 log = logging.getLogger("service")
 access_log = logging.getLogger("service.access")
@@ -159,7 +160,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        await runtime.start()
+        try:
+            await runtime.start()
+        except (SettingsError, ArtifactError, IndexStoreError) as exc:
+            # One readable line before uvicorn's traceback: these are configuration problems.
+            log.error("cannot start: %s", exc)
+            await runtime.stop()
+            raise
         try:
             yield
         finally:
