@@ -1,0 +1,101 @@
+"""Results file names and the markdown rendering of a run."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+
+def result_stem(result: dict) -> str:
+    """``2025-11-25-intel-xeon-processor`` (+ ``-quick``/``-smoke`` for shortened runs)."""
+    cpu = re.sub(r"\(r\)|\(tm\)|cpu|@.*", "", result["machine"]["cpu"].lower())
+    cpu = re.sub(r"[^a-z0-9]+", "-", cpu).strip("-") or "cpu"
+    suffix = "" if result["mode"] in ("default", "full") else f"-{result['mode']}"
+    return f"{result['date'][:10]}-{cpu}{suffix}"
+
+
+def _fmt(value: object) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if abs(value) >= 100:
+            return f"{value:,.0f}"
+        if abs(value) >= 0.99 and abs(value) < 1.0:
+            return f"{value:.5f}"
+        return f"{value:.3g}" if abs(value) < 10 else f"{value:.1f}"
+    return str(value)
+
+
+def table(rows: list[dict], columns: list[str]) -> list[str]:
+    if not rows:
+        return ["(none)"]
+    out = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    out += ["| " + " | ".join(_fmt(r.get(c)) for c in columns) + " |" for r in rows]
+    return out
+
+
+def _engine(eng: dict) -> list[str]:
+    lines = ["## Engine", ""]
+    lines.append(
+        "GEMM ceilings (GFLOP/s, this run): "
+        + ", ".join(f"{k} {v:,.0f}" for k, v in eng["gemm_gflops"].items())
+        + "; GFLOP per image: "
+        + ", ".join(f"{k} {v}" for k, v in eng["gflop_per_image"].items())
+    )
+    lines += ["", "Paths: " + "; ".join(f"`{k}` {v}" for k, v in eng["paths"].items()), ""]
+    cols = ["model", "batch", "path", "img_s", "x_torch_fp32", "x_ort_fp32", "gflops"]
+    lines += table(eng["speed"], [*cols, "ceiling_fraction"])
+    lines += ["", "Accuracy vs onnxruntime fp32 (photos: cosine; digits: leave-one-out k-NN)", ""]
+    cols = ["model", "path", "photos", "cosine_min", "cosine_mean", "knn_top1", "knn_delta_points"]
+    lines += table(eng["accuracy"], cols)
+    return lines
+
+
+def _http(http: dict) -> list[str]:
+    lines = ["## HTTP", ""]
+    for server in http["servers"]:
+        lines.append(
+            f"### engine `{server['engine']}`, {server['model']}: cold start "
+            f"{_fmt(server['cold_start_s'])} s, raw engine best {_fmt(server['raw_best_img_s'])} "
+            f"img/s (batch {server['raw_best_batch']})"
+        )
+        lines.append("")
+        cols = ["endpoint", "concurrency", "req_s", "img_s", "p50_ms", "p95_ms", "p99_ms"]
+        lines += table(server["load"], [*cols, "x_raw_engine", "x_torch_fp32", "errors"])
+        lines.append("")
+    return lines
+
+
+def _search(search: dict) -> list[str]:
+    lines = ["## Search (clustered 384-d Gaussian mixture)", ""]
+    cols = ["n", "index", "params", "build_s", "recall_at_10", "p50_ms", "p99_ms"]
+    lines += table(search["rows"], [*cols, "bytes_per_vector", "gb_per_million"])
+    for key in ("store", "http"):
+        if search.get(key):
+            lines += ["", f"{key}: " + ", ".join(f"{k} {_fmt(v)}" for k, v in search[key].items())]
+    return lines
+
+
+def _train(train: dict) -> list[str]:
+    lines = ["## Training step throughput (model compute; data loading excluded)", ""]
+    cols = ["recipe", "precision", "batch", "img_s", "x_fp32"]
+    return lines + table(train["rows"], cols)
+
+
+def write_markdown(result: dict, path: Path) -> None:
+    m = result["machine"]
+    lines = [
+        f"# Benchmark results: {m['cpu']}, {result['date']}",
+        "",
+        f"`{result['command']}` ({result['mode']} mode), {result['threads']} threads, "
+        f"{m['cores']} cores, flags {', '.join(m['cpu_flags'])}; load average at start "
+        f"{m['load_avg'][0]:.2f}, at end {m.get('load_avg_end', [0])[0]:.2f}.",
+        "Versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v),
+        "",
+    ]
+    for key, render in (("engine", _engine), ("http", _http), ("search", _search)):
+        if key in result:
+            lines += render(result[key]) + [""]
+    if "train" in result:
+        lines += _train(result["train"]) + [""]
+    path.write_text("\n".join(lines))
