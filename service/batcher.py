@@ -80,10 +80,8 @@ class MicroBatcher:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        while self._queue:
-            job = self._queue.popleft()
-            if not job.future.done():
-                job.future.set_exception(RuntimeError("server is shutting down"))
+        _fail(list(self._queue), RuntimeError("server is shutting down"))
+        self._queue.clear()
         self._executor.shutdown(wait=True)
 
     async def infer(
@@ -128,8 +126,16 @@ class MicroBatcher:
                 except TimeoutError:
                     break
             batch = self._take(first.key)
-            if batch:
+            if not batch:
+                continue
+            try:
                 await self._execute(batch)
+            except asyncio.CancelledError:  # stop() while this batch was in the engine
+                _fail(batch, RuntimeError("server is shutting down"))
+                raise
+            except Exception as exc:  # never let one bad batch stop the worker for everyone
+                log.exception("batch of %d failed", len(batch))
+                _fail(batch, exc)
 
     def _matching(self, key: tuple) -> int:
         return sum(1 for job in self._queue if job.key == key)
@@ -159,9 +165,7 @@ class MicroBatcher:
             )
         except Exception as exc:
             log.exception("inference failed for a batch of %d", len(batch))
-            for job in batch:
-                if not job.future.done():
-                    job.future.set_exception(exc)
+            _fail(batch, exc)
             return
         if self.metrics:
             kind = "embed" if outputs == ("embedding",) else "+".join(outputs)
@@ -171,3 +175,9 @@ class MicroBatcher:
         for i, job in enumerate(batch):
             if not job.future.done():
                 job.future.set_result({name: result[name][i] for name in outputs})
+
+
+def _fail(jobs: list[_Job], exc: BaseException) -> None:
+    for job in jobs:
+        if not job.future.done():
+            job.future.set_exception(exc)

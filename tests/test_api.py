@@ -186,6 +186,9 @@ async def test_models_health_and_openapi(tiny_vit_dir, tmp_path):
         assert model["variant"] == "fp32" and model["served_file"] == "model.onnx"
         assert model["sha256"] == load_manifest(tiny_vit_dir).model_sha256
         assert (await client.get("/healthz")).json() == {"status": "ok"}
+        page = await client.get("/")
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        assert (await client.get("/static/app.js")).status_code == 200
         spec = (await client.get("/openapi.json")).json()
     paths = spec["paths"]
     assert set(paths) >= {
