@@ -44,7 +44,7 @@ class Mode:
 
 
 MODES = {
-    "smoke": Mode("smoke", 0.05, 1, ("vit_tiny",), (1, 2), 60, 1.0, (1, 4), (2_000,), 20, 2),
+    "smoke": Mode("smoke", 0.05, 1, ("vit_tiny",), (1, 2), 60, 1.0, (1, 4), (2_000,), 20, 1),
     "quick": Mode(
         "quick", 1.0, 1, ("vit_tiny", "vit_small"), (1, 8), 400, 4.0, (1, 8, 32), (100_000,), 200, 3
     ),
