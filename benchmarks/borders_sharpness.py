@@ -82,6 +82,7 @@ def run_decoders(args: argparse.Namespace) -> dict:
             width=args.width,
             min_width=args.min_width,
             seed=0,
+            pool=args.pool,
         )
         t0 = time.perf_counter()
         decoder, tokens, history = train_decoder(backbone, images, cfg, mean=mean, std=std)
@@ -195,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--width", type=int, default=64)
     p.add_argument("--min-width", type=int, default=16)
+    p.add_argument("--pool", type=int, default=512, help="crops with cached tokens (0: fresh)")
     p.add_argument("--held-out", type=int, default=48, help="held-out crops")
     p.add_argument("--grids", type=Path, default=Path("benchmarks/results/feature_prediction"))
     p.add_argument("--out", type=Path, default=RESULTS)

@@ -16,10 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +58,7 @@ class InvertConfig:
     margin: int = 2
     seed: int = 0
     checkpoint_every: int = 500
+    pool: int = 0  # >0: a fixed pool of this many crops with their tokens computed once (CPU)
 
     def validate(self, patch_size: int) -> None:
         if self.padding not in PADDINGS:
@@ -68,6 +71,14 @@ class InvertConfig:
             )
         if self.steps < 1 or self.batch_size < 1 or self.lr <= 0:
             raise ValueError("--steps, --batch-size and --lr must be positive")
+
+
+def warmup_cosine(step: int, total: int) -> float:
+    """Learning-rate factor: linear warm-up over 5% of the steps, then cosine to zero."""
+    warm = max(1, total // 20)
+    if step < warm:
+        return (step + 1) / warm
+    return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
 
 
 class Tokens(nn.Module):
@@ -132,9 +143,7 @@ def train_decoder(
         backbone.embed_dim, backbone.patch_size, cfg.padding, cfg.width, cfg.min_width, cfg.margin
     )
     opt = torch.optim.AdamW(decoder.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.05
-    )
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(warmup_cosine, total=cfg.steps))
     perceptual = None
     if cfg.loss == "l1+fp":
         perceptual = FeaturePredictionLoss(backbone, layers=cfg.fp_layers, mean=mean, std=std)
@@ -166,11 +175,22 @@ def train_decoder(
             }
             save_atomic(state, ckpt_path)
 
+    pool_images = pool_tokens = None
+    if cfg.pool:
+        # The frozen backbone gives the same tokens for the same crop: compute them once.
+        pool_images = crops.batch(cfg.pool)
+        pool_tokens = torch.cat([tokens(chunk) for chunk in pool_images.split(64)])
     decoder.train()
     bar = tqdm(range(start, cfg.steps), desc="decoder", disable=not progress, initial=start)
     for step in bar:
-        batch = crops.batch(cfg.batch_size)
-        out = reconstruct(decoder, tokens, batch)
+        if pool_images is not None:
+            pick = torch.from_numpy(crops.rng.integers(0, cfg.pool, cfg.batch_size))
+            batch = pool_images[pick]
+            h, w = batch.shape[-2:]
+            out = decoder(pool_tokens[pick])[..., :h, :w]
+        else:
+            batch = crops.batch(cfg.batch_size)
+            out = reconstruct(decoder, tokens, batch)
         l1 = F.l1_loss(out, batch)
         loss = l1
         fp = None
@@ -251,6 +271,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--margin", type=int, default=d.margin, help="pad-crop margin in tokens")
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--pool", type=int, default=d.pool, help="fixed crop pool, tokens cached")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
@@ -275,6 +296,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         margin=args.margin,
         seed=args.seed,
         checkpoint_every=args.checkpoint_every,
+        pool=args.pool,
     )
     run_dir = args.out or Path(f"runs/invert-{time.strftime('%Y%m%d-%H%M%S')}")
     try:
