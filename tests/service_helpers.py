@@ -24,6 +24,9 @@ def settings_for(model_dir: Path, data_dir: Path, **overrides: object) -> Settin
         "model": model_dir.name,
         "data_dir": data_dir,
         "threads": 1,
+        "api_token": None,  # a DINO_API_TOKEN in the test environment must not leak in
+        "model_variant": "fp32",
+        "index_type": "flat",
         "_env_file": None,
     }
     values.update(overrides)

@@ -30,14 +30,13 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
         env = {
-            **os.environ,
+            **{k: v for k, v in os.environ.items() if not k.startswith("DINO_")},
             "DINO_MODELS_DIR": str(model_dir.parent),
             "DINO_MODEL": model_dir.name,
             "DINO_DATA_DIR": str(data_dir),
             "DINO_PORT": str(self.port),
             "DINO_THREADS": "1",
         }
-        env.pop("DINO_API_TOKEN", None)
         with open(log, "w") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "service"], cwd=ROOT, env=env, stdout=out, stderr=out

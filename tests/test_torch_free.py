@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import os
 import subprocess
 import sys
 import textwrap
@@ -49,9 +50,11 @@ SCRIPT = textwrap.dedent(
 
 
 def test_server_runs_with_torch_unimportable(tiny_vit_dir, tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DINO_")}
     result = subprocess.run(
         [sys.executable, "-c", SCRIPT, str(tiny_vit_dir.parent), str(tmp_path / "data")],
         cwd=ROOT,
+        env=env,
         capture_output=True,
         text=True,
         timeout=120,

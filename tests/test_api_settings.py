@@ -1,0 +1,47 @@
+"""Server settings: DINO_* environment variables and choosing the model to serve."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from service.settings import Settings, SettingsError, attention_max_side, find_model_dir
+
+
+def test_environment_variables_with_the_prefix(monkeypatch, tmp_path):
+    monkeypatch.setenv("DINO_MODELS_DIR", str(tmp_path))
+    monkeypatch.setenv("DINO_MAX_BATCH", "4")
+    monkeypatch.setenv("DINO_API_TOKEN", "t")
+    monkeypatch.setenv("DINO_INDEX_TYPE", "hnsw")
+    monkeypatch.setenv("DINO_MODEL_VARIANT", "int8")
+    s = Settings()
+    assert (s.models_dir, s.max_batch, s.api_token) == (tmp_path, 4, "t")
+    assert (s.index_type, s.model_variant) == ("hnsw", "int8")
+    assert s.host == "127.0.0.1" and s.port == 8000 and s.threads >= 1
+    monkeypatch.setenv("DINO_INDEX_TYPE", "annoy")
+    with pytest.raises(ValueError, match="index_type"):
+        Settings()
+
+
+def test_the_only_model_is_chosen_and_several_need_a_name(tiny_vit_dir, tmp_path):
+    store = tmp_path / "models"
+    shutil.copytree(tiny_vit_dir, store / "one")
+    assert find_model_dir(Settings(models_dir=store)) == store / "one"
+    shutil.copytree(tiny_vit_dir, store / "two")
+    with pytest.raises(SettingsError, match=r"several models .*\(one, two\).*DINO_MODEL"):
+        find_model_dir(Settings(models_dir=store))
+    assert find_model_dir(Settings(models_dir=store, model="two")) == store / "two"
+    with pytest.raises(SettingsError, match="DINO_MODEL='three'"):
+        find_model_dir(Settings(models_dir=store, model="three"))
+    with pytest.raises(SettingsError, match="does not exist"):
+        find_model_dir(Settings(models_dir=tmp_path / "nowhere"))
+    with pytest.raises(SettingsError, match="no model in"):
+        find_model_dir(Settings(models_dir=tmp_path / "models" / "one"))
+
+
+def test_attention_side_scales_with_the_patch_size():
+    s = Settings(attention_max_side=448)
+    assert attention_max_side(s, 16) == 448
+    assert attention_max_side(s, 8) == 224
+    assert attention_max_side(s, 14) == 392
