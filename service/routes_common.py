@@ -16,16 +16,27 @@ from service.runtime import Runtime
 T = TypeVar("T")
 
 
-def runtime(request: Request) -> Runtime:
-    """The loaded runtime; 503 until the model and the index are loaded."""
+def model_runtime(request: Request) -> Runtime:
+    """The runtime once the model is loaded (the index may still be opening)."""
     rt: Runtime = request.app.state.runtime
+    if not rt.model_ready:
+        raise HTTPException(503, "not ready: the model is loading", {"Retry-After": "1"})
+    return rt
+
+
+def runtime(request: Request) -> Runtime:
+    """The runtime once the model and the index are loaded; 503 (with the reason) until then."""
+    rt = model_runtime(request)
     if not rt.ready:
+        if rt.index_error:
+            raise HTTPException(503, rt.index_error, {"Retry-After": "30"})
         raise HTTPException(
-            503, "not ready: the model or the index is still loading", {"Retry-After": "1"}
+            503, "not ready: the index is being opened (replaying)", {"Retry-After": "1"}
         )
     return rt
 
 
+ModelRuntimeDep = Annotated[Runtime, Depends(model_runtime)]
 RuntimeDep = Annotated[Runtime, Depends(runtime)]
 
 

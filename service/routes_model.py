@@ -12,7 +12,7 @@ from service.attention import patch_maps, threshold_masks
 from service.engine import l2_normalise
 from service.preprocess import attention_pixels, eval_pixels
 from service.render import overlay_png
-from service.routes_common import RuntimeDep, read_images
+from service.routes_common import ModelRuntimeDep, read_images
 from service.schemas import AttentionResponse, EmbedResponse, ModelInfo, error_responses
 
 router = APIRouter(tags=["model"])
@@ -25,7 +25,7 @@ router = APIRouter(tags=["model"])
     summary="Embed images (CLS feature, L2-normalised by default)",
 )
 async def embed(
-    rt: RuntimeDep,
+    rt: ModelRuntimeDep,
     images: Annotated[list[UploadFile], File(description="1..N image files")],
     normalize: Annotated[bool, Form(description="L2-normalise each embedding")] = True,
 ) -> EmbedResponse:
@@ -51,7 +51,7 @@ async def embed(
     summary="Last-block CLS attention per head, as JSON maps or a PNG overlay",
 )
 async def attention(
-    rt: RuntimeDep,
+    rt: ModelRuntimeDep,
     image: Annotated[UploadFile, File(description="one image file")],
     format: Annotated[
         Literal["json", "png"], Form(description="json maps or png overlay")
@@ -99,7 +99,7 @@ async def attention(
 
 
 @router.get("/models", response_model=ModelInfo, summary="The loaded model's manifest")
-async def models(rt: RuntimeDep) -> ModelInfo:
+async def models(rt: ModelRuntimeDep) -> ModelInfo:
     assert rt.manifest is not None
     return ModelInfo(
         **rt.manifest.model_dump(),

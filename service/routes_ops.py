@@ -26,7 +26,11 @@ async def healthz() -> Health:
 async def readyz(request: Request) -> Readiness | JSONResponse:
     rt: Runtime = request.app.state.runtime
     if not rt.ready or rt.manifest is None:
-        body = Readiness(ready=False, detail="loading the model or replaying the index")
+        detail = rt.index_error or (
+            "opening the index (replaying)" if rt.model_ready else "loading the model"
+        )
+        model = rt.manifest.name if rt.manifest else None
+        body = Readiness(ready=False, model=model, detail=detail)
         return JSONResponse(body.model_dump(), status_code=503, headers={"Retry-After": "1"})
     return Readiness(ready=True, model=rt.manifest.name, index_size=rt.index_size())
 

@@ -38,6 +38,7 @@ async def serve(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
     """Run the app's lifespan (model + index loaded) and yield a client speaking HTTP to it."""
     app = create_app(settings)
     async with app.router.lifespan_context(app):
+        await app.state.runtime.wait_ready()
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
             yield client

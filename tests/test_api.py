@@ -5,14 +5,17 @@ from __future__ import annotations
 import asyncio
 import io
 
+import httpx
 import numpy as np
 import onnxruntime as ort
 import pytest
 from PIL import Image
 from service_helpers import metric_value, photo_bytes, serve, settings_for
 
+from service.app import create_app
 from service.engine import l2_normalise
 from service.images import decode_image
+from service.index import IndexStoreError
 from service.manifest import load_manifest
 from service.preprocess import eval_pixels
 
@@ -212,3 +215,23 @@ async def test_models_health_and_openapi(tiny_vit_dir, tmp_path):
     assert {"401", "409"} <= set(paths["/items"]["post"]["responses"])
     assert "409" in paths["/attention"]["post"]["responses"]
     assert "image/png" in paths["/attention"]["post"]["responses"]["200"]["content"]
+
+
+async def test_model_endpoints_work_while_the_index_cannot_open(tiny_vit_dir, tmp_path):
+    not_a_dir = tmp_path / "data"
+    not_a_dir.write_text("a file where the data dir should be")
+    app = create_app(settings_for(tiny_vit_dir, not_a_dir))
+    async with app.router.lifespan_context(app):
+        with pytest.raises(IndexStoreError, match="cannot open the index"):
+            await app.state.runtime.wait_ready(timeout=30)
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            ready = await client.get("/readyz")
+            similar = await client.get("/similar", params={"id": "x"})
+            embed = await client.post("/embed", files=files([photo_bytes(0)]))
+            metrics = (await client.get("/metrics")).text
+    assert ready.status_code == 503 and ready.headers["retry-after"]
+    assert ready.json()["ready"] is False and "cannot open the index" in ready.json()["detail"]
+    assert similar.status_code == 503 and "cannot open the index" in similar.json()["detail"]
+    assert embed.status_code == 200
+    assert "\ndino_index_items " not in metrics  # no sample while there is no index
