@@ -35,7 +35,7 @@ from pydantic import BaseModel, Field
 
 from service.manifest import MODEL_FILE, Manifest, sha256_file
 from service.preprocess import attention_pixels, eval_pixels, normalise
-from service.routes_common import RuntimeDep, read_images
+from service.routes_common import ModelRuntimeDep, read_images
 from service.runtime import Runtime
 from service.schemas import error_responses
 
@@ -109,7 +109,7 @@ async def perceptual_distance(
     summary="Perceptual distance between two images (embedding and patch features)",
 )
 async def distance(
-    rt: RuntimeDep,
+    rt: ModelRuntimeDep,
     image_a: Annotated[UploadFile, File(description="first image")],
     image_b: Annotated[UploadFile, File(description="second image")],
 ) -> DistanceResponse:
@@ -208,7 +208,7 @@ def to_png(pixels: np.ndarray, original: Image.Image | None) -> bytes:
     summary="What the features keep: the image decoded back from its patch tokens (PNG)",
 )
 async def reconstruct(
-    rt: RuntimeDep,
+    rt: ModelRuntimeDep,
     image: Annotated[UploadFile, File(description="one image file")],
     side_by_side: Annotated[bool, Form(description="the input left of the reconstruction")] = False,
 ) -> Response:
