@@ -36,7 +36,11 @@ class Mode:
     search_sizes: tuple[int, ...]
     search_queries: int
     train_steps: int
-    cache: Path = Path(os.environ.get("DINO_BENCH_CACHE", Path.home() / ".cache/dino-bench"))
+
+    @property
+    def cache(self) -> Path:
+        """Exported benchmark models live here (``DINO_BENCH_CACHE``, read at use)."""
+        return Path(os.environ.get("DINO_BENCH_CACHE", Path.home() / ".cache/dino-bench"))
 
     @property
     def smoke(self) -> bool:

@@ -1,0 +1,82 @@
+"""The OpenVINO engine (extra ``fast``) against onnxruntime fp32 on a real exported tiny ViT."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from service.engine import OrtEngine, l2_normalise
+from service.manifest import INPUT_NAME, MODEL_FILE, ArtifactError, load_manifest
+from service.preprocess import eval_pixels
+
+ov = pytest.importorskip("openvino", reason="OpenVINO is optional: pip install '.[fast]'")
+from service.engine_openvino import OpenVinoEngine, cpu_supports_bf16  # noqa: E402
+
+PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "camera", "coins", "clock", "moon")
+
+
+@pytest.fixture(scope="module")
+def photo_pixels(tiny_vit_dir) -> np.ndarray:
+    """Real photos through the server's own eval transform: [8, 3, 32, 32]."""
+    from PIL import Image
+    from skimage import data
+
+    manifest = load_manifest(tiny_vit_dir)
+    images = [Image.fromarray(getattr(data, n)()).convert("RGB") for n in PHOTOS]
+    return np.stack([eval_pixels(img, manifest) for img in images])
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_vit_dir, photo_pixels) -> dict[str, np.ndarray]:
+    engine = OrtEngine(tiny_vit_dir / MODEL_FILE, 1, INPUT_NAME)
+    return engine.run(photo_pixels, engine.output_names)
+
+
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (l2_normalise(a) * l2_normalise(b)).sum(axis=1)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_openvino_matches_onnxruntime(tiny_vit_dir, photo_pixels, reference, precision):
+    engine = OpenVinoEngine(tiny_vit_dir / MODEL_FILE, 1, INPUT_NAME, precision)
+    assert engine.input_name == INPUT_NAME
+    assert engine.output_names == ("embedding", "patch_tokens", "attention")
+    expected = "bf16" if precision == "bf16" and cpu_supports_bf16() else "fp32"
+    assert engine.precision == expected
+    out = engine.run(photo_pixels, ("embedding", "attention"))
+    assert set(out) == {"embedding", "attention"}
+    assert out["embedding"].dtype == np.float32 and out["embedding"].shape == (8, 192)
+    assert out["attention"].shape == reference["attention"].shape == (8, 3, 16)
+    cos = cosines(out["embedding"], reference["embedding"])
+    assert cos.min() >= (0.999 if precision == "bf16" else 0.99999), cos
+    # Attention rows are softmax distributions in both engines.
+    assert np.allclose(
+        out["attention"].sum(axis=-1), reference["attention"].sum(axis=-1), atol=2e-2
+    )
+    # Batch 1 and another image size (dynamic H, W) give the same rows as the batch.
+    single = engine.run(photo_pixels[:1], ("embedding",))["embedding"]
+    assert cosines(single, out["embedding"][:1]).min() > 0.9999
+    wide = np.concatenate([photo_pixels[:2], photo_pixels[:2]], axis=3)  # 32 x 64
+    wide_ref = OrtEngine(tiny_vit_dir / MODEL_FILE, 1, INPUT_NAME).run(wide, ("patch_tokens",))
+    wide_out = engine.run(wide, ("patch_tokens",))["patch_tokens"]
+    assert wide_out.shape == wide_ref["patch_tokens"].shape == (2, 32, 192)
+
+
+def test_openvino_outputs_are_not_overwritten_by_the_next_call(tiny_vit_dir, photo_pixels):
+    engine = OpenVinoEngine(tiny_vit_dir / MODEL_FILE, 1, INPUT_NAME, "fp32")
+    first = engine.run(photo_pixels[:2], ("embedding",))["embedding"]
+    kept = first.copy()
+    engine.run(photo_pixels[2:4], ("embedding",))
+    assert np.array_equal(first, kept)
+
+
+def test_openvino_errors_are_actionable(tiny_vit_dir):
+    with pytest.raises(ValueError, match="precision must be one of"):
+        OpenVinoEngine(tiny_vit_dir / MODEL_FILE, 1, INPUT_NAME, "int4")
+    with pytest.raises(ArtifactError, match="manifest says 'pixels'"):
+        OpenVinoEngine(tiny_vit_dir / MODEL_FILE, 1, "pixels", "fp32")
+    with pytest.raises(ArtifactError, match="OpenVINO cannot load"):
+        OpenVinoEngine(tiny_vit_dir / "manifest.json", 1, INPUT_NAME, "fp32")
+    engine = OpenVinoEngine(tiny_vit_dir / MODEL_FILE, 1, INPUT_NAME, "fp32")
+    with pytest.raises(KeyError, match="unknown outputs"):
+        engine.run(np.zeros((1, 3, 32, 32), np.float32), ("logits",))
