@@ -258,8 +258,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--checkpoint", type=Path, help="ours, an official DINO .pth or a state dict"
     )
     source.add_argument("--random-init", action="store_true", help="export untrained weights")
-    parser.add_argument("--arch", required=True, choices=ARCHS)
-    parser.add_argument("--patch-size", type=int, default=16, help="ViT patch size (default 16)")
+    parser.add_argument(
+        "--arch", choices=ARCHS, help="default: the checkpoint's own (ours and official full ones)"
+    )
+    parser.add_argument(
+        "--patch-size", type=int, help="ViT patch size (default: the checkpoint's own, else 16)"
+    )
+    parser.add_argument("--depth", type=int, help="ViT depth (default: the checkpoint's own)")
     parser.add_argument("--name", required=True, help="folder name under --models-dir")
     parser.add_argument("--models-dir", type=Path, default=Path("models"))
     parser.add_argument(
@@ -280,18 +285,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         obj: Mapping = {}
         if args.checkpoint is not None:
             obj = read_checkpoint(args.checkpoint)
-        is_vit = args.arch.startswith("vit")
+        config, knn = _checkpoint_meta(obj)
+        config = config or {}
+        # Flags win; otherwise a checkpoint that records its training config (ours, or an official
+        # full checkpoint's ``args``) says how to rebuild its network and how it saw its images.
+        arch = args.arch or config.get("arch")
+        if arch not in ARCHS:
+            raise ValueError(f"pass --arch (one of {ARCHS}): the checkpoint does not name one")
+        patch_size = args.patch_size or config.get("patch_size") or 16
+        is_vit = arch.startswith("vit")
         # Build at the checkpoint's own size so its positional embedding loads as is.
         size = args.image_size
         if size is None and is_vit and obj:
-            size = _inferred_image_size(obj, args.which, args.patch_size)
+            size = _inferred_image_size(obj, args.which, patch_size)
         size = size or 224
-        kw = {"img_size": size} if is_vit else {}
+        kw: dict[str, Any] = {"img_size": size} if is_vit else {}
+        depth = args.depth or config.get("vit_depth")
+        if is_vit and depth:
+            kw["depth"] = depth
         torch.manual_seed(args.seed)
-        backbone = build_backbone(args.arch, args.patch_size, **kw)
+        backbone = build_backbone(arch, patch_size, **kw)
+        ours = "eval_crop" in config  # the project's own run: its normalisation and eval sizes
+        mean = tuple(config["mean"]) if ours else IMAGENET_MEAN
+        std = tuple(config["std"]) if ours else IMAGENET_STD
+        resize, crop = (
+            (config["eval_resize"], config["eval_crop"]) if ours else knn_eval_sizes(size)
+        )
         if args.checkpoint is not None:
             load_backbone_weights(backbone, obj, which=args.which)
-            config, knn = _checkpoint_meta(obj)
             provenance = {
                 "source": "checkpoint",
                 "checkpoint_sha256": sha256_file(args.checkpoint),
@@ -299,17 +320,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "training_config": config,
             }
         else:
-            knn = None
             provenance = {"source": "random", "git_commit": git_commit()}
-        resize, crop = knn_eval_sizes(size)
         path = export_backbone(
             backbone,
             args.name,
             args.models_dir,
-            arch=args.arch,
+            arch=arch,
             train_image_size=size,
-            mean=IMAGENET_MEAN,
-            std=IMAGENET_STD,
+            mean=mean,
+            std=std,
             eval_resize=resize,
             eval_crop=crop,
             provenance=provenance,
