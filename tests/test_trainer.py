@@ -1,0 +1,201 @@
+"""Training loop on real tiny models: EMA, schedules, resume, divergence, budget, end to end."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from sklearn.datasets import load_digits
+from torch import nn
+
+from training.config import TrainConfig
+from training.data import ArrayDataset
+from training.schedules import scaled_lr
+from training.trainer import (
+    EXPORT_RESERVE_S,
+    Plan,
+    Trainer,
+    TrainingDiverged,
+    cpu_has_bf16,
+    ema_update,
+    resolve_precision,
+)
+
+
+def digits(n: int | None = None, size: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """sklearn's 8x8 digits as uint8 images upscaled to ``size`` (real, offline, labelled)."""
+    d = load_digits()
+    images = (d.images * 255 / 16).clip(0, 255).astype(np.uint8)[:n]
+    up = [np.asarray(Image.fromarray(i).resize((size, size), Image.BICUBIC)) for i in images]
+    return np.stack(up), d.target[:n]
+
+
+def tiny_config(**kw) -> TrainConfig:
+    base = dict(
+        patch_size=4,
+        vit_depth=1,
+        global_size=16,
+        local_size=8,
+        n_local_crops=1,
+        out_dim=64,
+        head_hidden_dim=64,
+        head_bottleneck_dim=32,
+        batch_size=8,
+        epochs=2,
+        num_workers=0,
+        eval_resize=16,
+        eval_crop=16,
+        time_budget_min=None,
+        warmup_epochs=1,
+        precision="fp32",
+        log_every=1,
+        freeze_last_layer=0.5,
+    )
+    return TrainConfig(**{**base, **kw})
+
+
+def test_precision_resolution():
+    assert resolve_precision("fp32", "cpu") == "fp32"
+    assert resolve_precision("bf16", "cpu") == "bf16"
+    assert resolve_precision("auto", "cpu") == ("bf16" if cpu_has_bf16() else "fp32")
+
+
+def test_ema_update_is_m_teacher_plus_1_minus_m_student():
+    torch.manual_seed(0)
+    student, teacher = nn.Linear(4, 3), nn.Linear(4, 3)
+    before = [p.detach().clone() for p in teacher.parameters()]
+    ema_update(teacher, student, 0.9)
+    for t_old, t_new, s in zip(before, teacher.parameters(), student.parameters(), strict=True):
+        torch.testing.assert_close(t_new, 0.9 * t_old + 0.1 * s.detach(), rtol=0, atol=1e-7)
+    ema_update(teacher, student, 1.0)  # momentum 1 leaves the teacher as it is
+    ema_update(teacher, student, 0.0)  # momentum 0 copies the student
+    for t, s in zip(teacher.parameters(), student.parameters(), strict=True):
+        torch.testing.assert_close(t, s)
+
+
+def _trainer(tmp_path, cfg: TrainConfig, n: int = 32, knn: bool = False) -> Trainer:
+    images, labels = digits(n)
+    data = ArrayDataset(images, labels)
+    sets = (data, data) if knn else None
+    return Trainer(cfg, data, tmp_path, knn_sets=sets, show_progress=False)
+
+
+def test_schedules_are_wired_per_iteration(tmp_path):
+    cfg = tiny_config(epochs=2, warmup_epochs=1)
+    tr = _trainer(tmp_path, cfg)
+    tr.build_schedules(Plan(4, 4, 2))
+    peak = scaled_lr(cfg.lr, cfg.batch_size)
+    assert tr.lr_sched[0] == 0.0 and tr.lr_sched[4] == pytest.approx(peak)
+    assert tr.lr_sched[-1] == pytest.approx(cfg.min_lr)
+    assert tr.wd_sched[0] == pytest.approx(0.04) and tr.wd_sched[-1] == pytest.approx(0.4)
+    assert tr.mom_sched[0] == pytest.approx(0.996) and tr.mom_sched[-1] == pytest.approx(1.0)
+    assert tr.freeze_iters == 2
+    batches = iter(tr.loader)
+    last = tr.student_plain.head.last_layer.weight_v.detach().clone()
+    for it in range(6):
+        teacher_before = [p.detach().clone() for p in tr.teacher.parameters()]
+        tr._step(next(batches)[0])
+        groups = tr.optimizer.param_groups
+        assert groups[0]["lr"] == groups[1]["lr"] == pytest.approx(tr.lr_sched[it])
+        assert groups[0]["weight_decay"] == pytest.approx(tr.wd_sched[it])
+        assert groups[1]["weight_decay"] == 0.0  # biases and norms are never decayed
+        m = tr.mom_sched[it]
+        for old, t, s in zip(
+            teacher_before, tr.teacher.parameters(), tr.student_plain.parameters(), strict=True
+        ):
+            torch.testing.assert_close(t, m * old + (1 - m) * s.detach(), rtol=0, atol=1e-6)
+        frozen = torch.equal(tr.student_plain.head.last_layer.weight_v, last)
+        assert frozen == (it < 2), f"last layer frozen only for the first 2 steps (it {it})"
+        if it == 1:
+            batches = iter(tr.loader)
+
+
+def test_resume_takes_the_same_next_step(tmp_path):
+    cfg = tiny_config(epochs=3)
+    full = _trainer(tmp_path / "full", cfg)
+    full.fit()
+    first = _trainer(tmp_path / "cut", cfg)
+    first.fit(stop_after_epochs=1)  # an interrupted run: one epoch, then the process ends
+    resumed = _trainer(tmp_path / "cut", cfg)
+    resumed.load_checkpoint()
+    assert (resumed.epoch, resumed.iteration) == (1, 4)
+    resumed.fit()
+    steps = [r for r in full.history if r["kind"] == "step" and r["iteration"] >= 4]
+    again = [r for r in resumed.history if r["kind"] == "step"]
+    assert [r["iteration"] for r in again] == [r["iteration"] for r in steps]
+    for a, b in zip(steps, again, strict=True):
+        assert a["loss"] == b["loss"] and a["lr"] == b["lr"] and a["momentum"] == b["momentum"]
+    for (k, a), b in zip(
+        full.teacher.state_dict().items(), resumed.teacher.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b), k
+    torch.testing.assert_close(full.loss.center, resumed.loss.center, rtol=0, atol=0)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    tr = _trainer(tmp_path, tiny_config(epochs=3))
+    tr.fit(stop_after_epochs=1)
+    digest = hashlib.sha256(tr.checkpoint_path.read_bytes()).hexdigest()
+    with torch.no_grad():
+        tr.student_plain.backbone.cls_token.fill_(float("nan"))
+    with pytest.raises(TrainingDiverged, match="last good checkpoint"):
+        tr.fit()
+    assert hashlib.sha256(tr.checkpoint_path.read_bytes()).hexdigest() == digest
+
+
+def test_calibration_measures_and_restores_the_state(tmp_path):
+    tr = _trainer(tmp_path, tiny_config(), knn=True)
+    before = {k: v.clone() for k, v in tr.teacher.state_dict().items()}
+    rng = torch.get_rng_state()
+    step_s, knn_s = tr._calibrate()
+    assert step_s > 0 and knn_s > 0
+    assert tr.iteration == 0 and tr.plan is None
+    for k, v in tr.teacher.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_time_budget_compresses_the_schedules(tmp_path, monkeypatch):
+    cfg = tiny_config(epochs=20)
+    tr = _trainer(tmp_path, cfg, n=64)  # 8 steps per epoch: 160 planned
+    # A fixed step time makes the planning arithmetic exact: 40 s / 0.5 s = 80 steps fit.
+    monkeypatch.setattr(tr, "_calibrate", lambda: (0.5, 0.0))
+    deadline = time.time() + 40 + EXPORT_RESERVE_S
+    summary = tr.fit(deadline=deadline)
+    assert tr.plan.iters_per_epoch == 8
+    assert tr.plan.sched_iters_per_epoch in (3, 4)  # 80 steps over 20 epochs, less elapsed time
+    assert summary["iterations"] == tr.plan.total_iters and not summary["stopped_early"]
+    assert len(tr.lr_sched) == tr.plan.total_iters
+    assert tr.lr_sched[-1] == pytest.approx(cfg.min_lr)  # the cosine still reaches its end
+    assert tr.freeze_iters == round(cfg.freeze_last_layer * tr.plan.sched_iters_per_epoch)
+
+
+@pytest.mark.slow
+def test_tiny_end_to_end_training_learns(tmp_path):
+    """Real DINO steps on digits: the loss falls and k-NN beats the same network untrained."""
+    torch.set_num_threads(1)  # tiny matrices: threads only add overhead on a shared machine
+    images, labels = digits(size=16)
+    order = np.random.default_rng(0).permutation(len(images))
+    train = ArrayDataset(images[order[:1200]], labels[order[:1200]])
+    test = ArrayDataset(images[order[1200:]], labels[order[1200:]])
+    cfg = tiny_config(
+        vit_depth=2, n_local_crops=2, out_dim=1024, head_hidden_dim=512, head_bottleneck_dim=128,
+        batch_size=64, epochs=4, warmup_epochs=1, lr=4e-3, momentum_teacher=0.99,
+        drop_path_rate=0.0, freeze_last_layer=0, log_every=5, precision="auto",
+    )  # fmt: skip
+    tr = Trainer(cfg, train, tmp_path, knn_sets=(train, test), show_progress=False)
+    untrained = tr.run_knn("knn_untrained.json")
+    tr.fit()
+    trained = tr.run_knn()
+    losses = [r["loss"] for r in tr.history if r["kind"] == "step"]
+    assert np.mean(losses[-3:]) < np.mean(losses[:3])
+    assert trained["top1"] > untrained["top1"] + 5
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert {"step", "epoch", "knn"} <= {r["kind"] for r in rows}
+    assert dataclasses.asdict(cfg) == torch.load(tr.checkpoint_path, weights_only=False)["config"]
