@@ -124,7 +124,6 @@ def degraded(img: Image.Image, kind: str) -> Image.Image:
 async def metric_sanity(model_dir: Path) -> dict:
     import httpx
 
-    from service import routes_perceptual
     from service.app import create_app
     from service.settings import Settings
 
@@ -137,8 +136,6 @@ async def metric_sanity(model_dir: Path) -> dict:
             _env_file=None,
         )
         app = create_app(settings)
-        if not any(getattr(r, "path", None) == "/distance" for r in app.routes):
-            app.include_router(routes_perceptual.router)
         photos = {n: load_photo(n) for n in PHOTO_NAMES}
         png = {}
         for name, img in photos.items():

@@ -6,15 +6,13 @@ from __future__ import annotations
 import io
 import json
 import shutil
-from contextlib import asynccontextmanager
 
-import httpx
 import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
 from PIL import Image
-from service_helpers import encode, photo, settings_for
+from service_helpers import encode, photo, serve, settings_for
 
 from training.decoder import PatchDecoder
 from training.invert import InvertConfig, main, train_decoder
@@ -125,18 +123,8 @@ def test_cli_refuses_a_model_with_other_weights(exported, tmp_path):
 # ---------------------------------------------------------------------- POST /reconstruct
 
 
-@asynccontextmanager
-async def client_for(model_dir, data_dir):
-    from service import routes_perceptual
-    from service.app import create_app
-
-    app = create_app(settings_for(model_dir, data_dir))
-    if not any(getattr(r, "path", None) == "/reconstruct" for r in app.routes):
-        app.include_router(routes_perceptual.router)  # until service.app includes it
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-            yield client
+def client_for(model_dir, data_dir):
+    return serve(settings_for(model_dir, data_dir))
 
 
 @pytest.mark.anyio

@@ -4,15 +4,13 @@ real HTTP on an exported model."""
 from __future__ import annotations
 
 import io
-from contextlib import asynccontextmanager
 
-import httpx
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageFilter
-from service_helpers import encode, photo, settings_for
+from service_helpers import encode, photo, serve, settings_for
 
 from training.backbones import build_backbone
 from training.checkpoints import CheckpointError
@@ -127,18 +125,8 @@ def anyio_backend():
     return "asyncio"
 
 
-@asynccontextmanager
-async def client_for(model_dir, data_dir):
-    from service import routes_perceptual
-    from service.app import create_app
-
-    app = create_app(settings_for(model_dir, data_dir))
-    if not any(getattr(r, "path", None) == "/distance" for r in app.routes):
-        app.include_router(routes_perceptual.router)  # until service.app includes it
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-            yield client
+def client_for(model_dir, data_dir):
+    return serve(settings_for(model_dir, data_dir))
 
 
 def _png(img: Image.Image) -> bytes:
