@@ -30,5 +30,8 @@ test: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 	$(PY) -m pytest
 
+bench: install
+	$(PY) -m pip install --disable-pip-version-check -q -e '.[fast]' && $(PY) -m benchmarks $(BENCH_ARGS)
+
 format: install
 	$(VENV)/bin/ruff check --fix . && $(VENV)/bin/ruff format .

@@ -80,3 +80,28 @@ def test_openvino_errors_are_actionable(tiny_vit_dir):
     engine = OpenVinoEngine(tiny_vit_dir / MODEL_FILE, 1, INPUT_NAME, "fp32")
     with pytest.raises(KeyError, match="unknown outputs"):
         engine.run(np.zeros((1, 3, 32, 32), np.float32), ("logits",))
+
+
+def test_engine_selection(tiny_vit_dir):
+    from service.engine import OrtEngine as Ort
+    from service.engines import open_engine, resolve
+
+    manifest = load_manifest(tiny_vit_dir)
+    bf16 = "bf16" if cpu_supports_bf16() else "fp32"
+    assert resolve("onnxruntime", "auto") == ("onnxruntime", "fp32")
+    assert resolve("openvino", "auto") == ("openvino", "bf16")
+    assert resolve("openvino", "fp32") == ("openvino", "fp32")
+    assert resolve("auto", "fp32") == ("onnxruntime", "fp32")
+    assert resolve("auto", "auto", "int8") == ("onnxruntime", "fp32")
+    assert resolve("auto", "auto") == (
+        ("openvino", "bf16") if bf16 == "bf16" else ("onnxruntime", "fp32")
+    )
+    with pytest.raises(ValueError, match="needs DINO_ENGINE=openvino"):
+        resolve("onnxruntime", "bf16")
+    with pytest.raises(ValueError, match="DINO_ENGINE must be one of"):
+        resolve("tensorrt", "auto")
+    opened = open_engine(tiny_vit_dir, manifest, "fp32", 1, "openvino", "bf16")
+    assert isinstance(opened, OpenVinoEngine) and opened.precision == bf16
+    assert isinstance(open_engine(tiny_vit_dir, manifest, "fp32", 1, "onnxruntime", "auto"), Ort)
+    int8 = open_engine(tiny_vit_dir, manifest, "int8", 1, "auto", "auto")
+    assert isinstance(int8, Ort) and int8.path.name == "model.int8.onnx"

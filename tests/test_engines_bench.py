@@ -1,0 +1,72 @@
+"""The benchmark suite runs end to end in --smoke mode (tiny model, tiny sizes): every section
+produces its figures and the results files; timings themselves are not checked."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_smoke(tmp_path, sections: str) -> dict:
+    """``python -m benchmarks --smoke`` exactly as ``make bench`` runs it, from the repo root."""
+    env = {**os.environ, "DINO_BENCH_CACHE": str(tmp_path / "cache")}
+    cmd = [sys.executable, "-m", "benchmarks", "--smoke", "--only", sections]
+    proc = subprocess.run(
+        [*cmd, "--out", str(tmp_path / "out")], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    files = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert len(files) == 2 and files[0].endswith("-smoke.json") and files[1].endswith("-smoke.md")
+    result = json.loads((tmp_path / "out" / files[0]).read_text())
+    assert result["mode"] == "smoke"
+    assert "| model | batch | path |" in (tmp_path / "out" / files[1]).read_text() or (
+        "engine" not in result
+    )
+    assert result["machine"]["cpu"] and result["machine"]["versions"]["onnxruntime"]
+    return result
+
+
+@pytest.mark.slow
+def test_engine_and_search_sections(tmp_path):
+    result = run_smoke(tmp_path, "engine,search")
+    engine = result["engine"]
+    assert engine["gemm_gflops"]["fp32"] > 0 and engine["gemm_gflops"]["bf16"] > 0
+    paths = {r["path"] for r in engine["speed"]}
+    assert {"torch_fp32", "ort_fp32", "ort_int8"} <= paths
+    for row in engine["speed"]:
+        assert row["img_s"] > 0 and row["gflops"] > 0
+        if row["path"] == "torch_fp32":
+            assert row["x_torch_fp32"] == 1.0
+    acc = {r["path"]: r for r in engine["accuracy"]}
+    assert acc["ort_fp32"]["cosine_min"] > 0.99999 and acc["ort_fp32"]["knn_delta_points"] == 0
+    assert acc["torch_fp32"]["cosine_min"] > 0.9999  # same seeded weights as the artifact
+    assert 0.9 < acc["ort_int8"]["cosine_min"] <= 1.0 and "knn_top1" in acc["ort_int8"]
+    if "ov_bf16" in acc:
+        assert acc["ov_bf16"]["cosine_min"] > 0.999
+    rows = result["search"]["rows"]
+    flat = [r for r in rows if r["index"].startswith("flat")]
+    assert flat and all(r["recall_at_10"] == 1.0 for r in flat)
+    assert {r["index"].split()[0] for r in rows} == {"flat", "hnsw", "ivf"}
+    assert result["search"]["store"]["recall_at_10"] > 0.9
+    assert result["search"]["http"]["p50_ms"] > 0 and result["search"]["http"]["requests"] == 20
+
+
+@pytest.mark.slow
+def test_http_and_train_sections(tmp_path):
+    result = run_smoke(tmp_path, "http,train")
+    server = result["http"]["servers"][0]
+    assert server["engine"] == "onnxruntime-fp32" and server["cold_start_s"] > 0
+    embed = [r for r in server["load"] if r["endpoint"] == "/embed"]
+    assert [r["concurrency"] for r in embed] == [1, 4]
+    assert all(r["errors"] == 0 and r["img_s"] > 0 and r["x_raw_engine"] > 0 for r in embed)
+    assert any(r["endpoint"] == "/attention" and r["errors"] == 0 for r in server["load"])
+    recipes = {(r["recipe"], r["precision"]) for r in result["train"]["rows"]}
+    assert {("quickstart", "fp32"), ("vit_small", "fp32")} <= recipes
