@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> dict:
     result: dict = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)),
         "mode": mode.name,
+        "sections": [s for s in SECTIONS if s in only],
         "threads": args.threads,
         "command": "python -m benchmarks " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": machine(),

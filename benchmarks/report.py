@@ -7,16 +7,23 @@ from pathlib import Path
 
 
 def result_stem(result: dict) -> str:
-    """``2025-11-25-intel-xeon-processor`` (+ ``-quick``/``-smoke`` for shortened runs)."""
+    """``2025-11-25-intel-xeon-processor``, + ``-quick``/``-smoke`` for shortened runs and the
+    section names for a partial run (``-search``)."""
     cpu = re.sub(r"\(r\)|\(tm\)|cpu|@.*", "", result["machine"]["cpu"].lower())
     cpu = re.sub(r"[^a-z0-9]+", "-", cpu).strip("-") or "cpu"
     suffix = "" if result["mode"] in ("default", "full") else f"-{result['mode']}"
+    if result.get("sections") and len(result["sections"]) < 4:  # a partial run: don't overwrite
+        suffix += "-" + "-".join(result["sections"])
     return f"{result['date'][:10]}-{cpu}{suffix}"
 
 
-def _fmt(value: object) -> str:
+def _fmt(value: object, column: str = "") -> str:
     if value is None:
         return "-"
+    if isinstance(value, float) and column.startswith("cosine"):
+        return f"{value:.6f}"
+    if isinstance(value, float) and column.startswith("recall"):
+        return f"{value:.4f}"
     if isinstance(value, float):
         if abs(value) >= 100:
             return f"{value:,.0f}"
@@ -30,7 +37,7 @@ def table(rows: list[dict], columns: list[str]) -> list[str]:
     if not rows:
         return ["(none)"]
     out = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    out += ["| " + " | ".join(_fmt(r.get(c)) for c in columns) + " |" for r in rows]
+    out += ["| " + " | ".join(_fmt(r.get(c), c) for c in columns) + " |" for r in rows]
     return out
 
 

@@ -24,7 +24,8 @@ def run_smoke(tmp_path, sections: str) -> dict:
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     files = sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert len(files) == 2 and files[0].endswith("-smoke.json") and files[1].endswith("-smoke.md")
+    assert len(files) == 2 and files[0].endswith(".json") and files[1].endswith(".md")
+    assert "-smoke-" in files[0]
     result = json.loads((tmp_path / "out" / files[0]).read_text())
     assert result["mode"] == "smoke"
     assert "| model | batch | path |" in (tmp_path / "out" / files[1]).read_text() or (
