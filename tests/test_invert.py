@@ -53,7 +53,7 @@ def test_pad_crop_reflects_the_grid_before_decoding():
         PatchDecoder(8, 4, "circular")
 
 
-def test_training_lowers_the_loss_and_resumes(tiny_vit, tmp_path):
+def test_training_records_history_and_resumes(tiny_vit, tmp_path):
     images = [torch.rand(3, 48, 64), torch.rand(3, 64, 64)]
     stats = {"mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)}
     cfg = InvertConfig(image_size=16, steps=4, batch_size=2, width=16, min_width=8, lr=1e-2)
