@@ -132,8 +132,8 @@ def main(argv: list[str] | None = None) -> dict:
         if dist.is_main:
             (run_dir / "config.json").write_text(cfg.to_json() + "\n")
         log.info(
-            "preset %s: %s (patch %s) on %s, %d epochs, batch %d over %d process(es), %s; run "
-            "folder %s",
+            "preset %s: %s (patch %s) on %s, %d epochs, batch %d over %d process(es) (backend %s), "
+            "%s; run folder %s",
             cfg.preset,
             cfg.arch,
             cfg.patch_size,
@@ -141,6 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
             cfg.epochs,
             cfg.batch_size,
             dist.world_size,
+            torch.distributed.get_backend() if dist.distributed else "none",
             f"time budget {cfg.time_budget_min} min" if cfg.time_budget_min else "no time budget",
             run_dir,
         )
