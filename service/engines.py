@@ -16,6 +16,7 @@ from pathlib import Path
 
 from service.engine import Engine, load_engine, model_file
 from service.manifest import ArtifactError, Manifest
+from service.settings import SettingsError
 
 log = logging.getLogger(__name__)
 
@@ -24,12 +25,12 @@ PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def resolve(engine: str, precision: str, variant: str = "fp32") -> tuple[str, str]:
-    """The concrete (engine, precision) for the requested pair; raises ``ValueError`` for a pair
-    that cannot run (bf16 on onnxruntime, whose CPU provider has no bf16 kernels)."""
+    """The concrete (engine, precision) for the requested pair; raises ``SettingsError`` (a
+    ``ValueError``) for a pair that cannot run (bf16 on onnxruntime: no bf16 CPU kernels)."""
     if engine not in ENGINES:
-        raise ValueError(f"DINO_ENGINE must be one of {ENGINES}, got {engine!r}")
+        raise SettingsError(f"DINO_ENGINE must be one of {ENGINES}, got {engine!r}")
     if precision not in PRECISIONS:
-        raise ValueError(f"DINO_PRECISION must be one of {PRECISIONS}, got {precision!r}")
+        raise SettingsError(f"DINO_PRECISION must be one of {PRECISIONS}, got {precision!r}")
     if engine == "auto":
         from service.engine_openvino import cpu_supports_bf16, openvino_available
 
@@ -39,7 +40,7 @@ def resolve(engine: str, precision: str, variant: str = "fp32") -> tuple[str, st
         engine = "openvino" if fast else "onnxruntime"
     if engine == "onnxruntime":
         if precision == "bf16":
-            raise ValueError(
+            raise SettingsError(
                 "DINO_PRECISION=bf16 needs DINO_ENGINE=openvino (or auto): onnxruntime's CPU "
                 "provider runs fp32 (or the int8 file with DINO_MODEL_VARIANT=int8)"
             )

@@ -15,7 +15,8 @@ from pathlib import Path
 import anyio
 
 from service.batcher import MicroBatcher
-from service.engine import Engine, load_engine, model_file
+from service.engine import Engine, model_file
+from service.engines import open_engine
 from service.index import (
     IndexModelMismatch,
     IndexStore,
@@ -64,7 +65,13 @@ class Runtime:
         self.model_dir = find_model_dir(s)
         self.manifest = await anyio.to_thread.run_sync(load_manifest, self.model_dir)
         self.engine = await anyio.to_thread.run_sync(
-            load_engine, self.model_dir, self.manifest, s.model_variant, s.threads
+            open_engine,
+            self.model_dir,
+            self.manifest,
+            s.model_variant,
+            s.threads,
+            s.engine,
+            s.precision,
         )
         await anyio.to_thread.run_sync(self._check_index_model)
         self.batcher = MicroBatcher(

@@ -35,6 +35,14 @@ class Settings(BaseSettings):
         None, description="model to serve; default: the only one in the store"
     )
     model_variant: Literal["fp32", "int8"] = Field("fp32", description="which ONNX file to run")
+    engine: Literal["auto", "onnxruntime", "openvino"] = Field(
+        "onnxruntime",
+        description="inference engine; auto: openvino (extra fast) with bf16 where the CPU has it, "
+        "else onnxruntime",
+    )
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="openvino inference precision; auto: bf16 where the CPU has it"
+    )
     data_dir: Path = Field(Path("./data"), description="where the index and items live")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)

@@ -105,3 +105,51 @@ def test_engine_selection(tiny_vit_dir):
     assert isinstance(open_engine(tiny_vit_dir, manifest, "fp32", 1, "onnxruntime", "auto"), Ort)
     int8 = open_engine(tiny_vit_dir, manifest, "int8", 1, "auto", "auto")
     assert isinstance(int8, Ort) and int8.path.name == "model.int8.onnx"
+
+
+@pytest.mark.parametrize("env", [{"DINO_ENGINE": "openvino"}, {"DINO_ENGINE": "auto"}])
+def test_settings_select_openvino_for_the_server(tiny_vit_dir, tmp_path, monkeypatch, env):
+    """DINO_ENGINE picks the engine the running app uses; /embed stays within bf16 rounding of
+    the onnxruntime fp32 reference."""
+    import anyio
+    from service_helpers import photo_bytes, serve, settings_for
+
+    from service.images import decode_image
+
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    settings = settings_for(tiny_vit_dir, tmp_path / "data")
+    assert settings.engine == env["DINO_ENGINE"] and settings.precision == "auto"
+    blobs = [photo_bytes(i) for i in range(3)]
+    manifest = load_manifest(tiny_vit_dir)
+    pixels = np.stack([eval_pixels(decode_image(b, 10**8), manifest) for b in blobs])
+    expected = OrtEngine(tiny_vit_dir / MODEL_FILE, 1, INPUT_NAME).run(pixels, ("embedding",))
+
+    async def embed() -> tuple[object, np.ndarray]:
+        async with serve(settings) as client:
+            engine = client._transport.app.state.runtime.engine
+            files = [("images", (f"{i}.jpg", b, "image/jpeg")) for i, b in enumerate(blobs)]
+            resp = await client.post("/embed", files=files, data={"normalize": "false"})
+            assert resp.status_code == 200, resp.text
+            return engine, np.array(resp.json()["embeddings"], np.float32)
+
+    engine, rows = anyio.run(embed)
+    want_ov = env["DINO_ENGINE"] == "openvino" or cpu_supports_bf16()
+    assert isinstance(engine, OpenVinoEngine) == want_ov
+    assert cosines(rows, expected["embedding"]).min() >= 0.999
+
+
+def test_impossible_engine_settings_stop_the_server(tiny_vit_dir, tmp_path):
+    import anyio
+    from service_helpers import serve, settings_for
+
+    from service.settings import SettingsError
+
+    settings = settings_for(tiny_vit_dir, tmp_path, engine="onnxruntime", precision="bf16")
+
+    async def start() -> None:
+        async with serve(settings):
+            pass
+
+    with pytest.raises(SettingsError, match="needs DINO_ENGINE=openvino"):
+        anyio.run(start)
