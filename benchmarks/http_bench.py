@@ -24,8 +24,8 @@ log = logging.getLogger(__name__)
 
 # (label, server env, in-process engine path for the raw ratio)
 ENGINES = [
-    ("onnxruntime-fp32", {}, "ort_fp32"),
-    ("openvino-bf16", {"engine": "openvino"}, "ov_bf16"),
+    ("onnxruntime-fp32", {"engine": "onnxruntime", "precision": "fp32"}, "ort_fp32"),
+    ("openvino-bf16", {"engine": "openvino", "precision": "bf16"}, "ov_bf16"),
 ]
 RAW_BATCHES = (1, 8, 16)  # 16: the server's default DINO_MAX_BATCH
 
@@ -108,6 +108,10 @@ def run(mode: Mode, threads: int, so_far: dict) -> dict:
             Server(folder.parent, folder.name, Path(tmp) / "data", threads, **env) as server,
         ):
             log.info("server %s ready in %.2f s", label, server.cold_start_s)
+            # Settings ignore unknown variables: prove the server runs the engine we label.
+            ov_loaded = "with OpenVINO" in server.log_path.read_text(errors="replace")
+            if ov_loaded != (env["engine"] == "openvino"):
+                raise RuntimeError(f"server engine is not {label}; see {server.log_path}")
             rows = []
             for c in mode.concurrency:
                 r = asyncio.run(_load(f"{server.url}/embed", bodies, c, mode.http_seconds))

@@ -50,6 +50,8 @@ def _set_knob(ann, index_type: str, value: int) -> None:
 
 
 def _latency(search, queries: np.ndarray) -> tuple[list[list[int]], list[float]]:
+    for q in queries[:20]:  # warm-up: caches and thread pools
+        search(q[None, :])
     found, seconds = [], []
     for q in queries:
         t0 = time.perf_counter()
