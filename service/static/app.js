@@ -58,9 +58,9 @@ function drawMap(canvas, values, grid, threshold, withMask) {
   const sctx = small.getContext("2d");
   const pixels = sctx.createImageData(w, h);
   values.forEach((v, i) => {
-    const [r, g, b] = heat(v / max);
-    pixels.data.set([r, g, b, keep && !keep[i] ? 230 : 150], i * 4);
-    if (keep && !keep[i]) pixels.data.set([20, 20, 20], i * 4);
+    // Outside the mask: darkened; inside (or without a mask): the heat colour, image showing through.
+    const colour = keep && !keep[i] ? [15, 18, 28, 200] : [...heat(v / max), keep ? 90 : 150];
+    pixels.data.set(colour, i * 4);
   });
   sctx.putImageData(pixels, 0, 0);
   ctx.imageSmoothingEnabled = !withMask;
