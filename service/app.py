@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 
@@ -17,6 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import routes_index, routes_model, routes_ops, routes_perceptual
@@ -113,6 +114,25 @@ def _error(status: int, detail: str, headers: dict[str, str] | None = None) -> J
     return JSONResponse({"detail": detail}, status_code=status, headers=headers)
 
 
+def _allowed_methods(request: Request) -> str:
+    """Every method the path supports. Starlette's 405 names only the first route matching the
+    path (``Allow: POST`` on /items, though GET /items exists), which misleads clients."""
+    scope = {**request.scope, "method": "\x00"}  # no route takes it: a path match is PARTIAL
+    methods: set[str] = set()
+    for route in _leaf_routes(request.app.router.routes):
+        if getattr(route, "methods", None) and route.matches(scope)[0] is Match.PARTIAL:
+            methods |= set(route.methods)
+    return ", ".join(sorted(methods))
+
+
+def _leaf_routes(routes: list) -> Iterator:
+    """Routes with methods, inside included routers too (FastAPI >= 0.160 wraps an included
+    router in one route; the routers here have no prefix, so their paths are the app's)."""
+    for route in routes:
+        inner = getattr(route, "original_router", None)
+        yield from _leaf_routes(inner.routes) if inner is not None else (route,)
+
+
 def _install_error_handlers(app: FastAPI, settings: Settings) -> None:
     @app.exception_handler(ImageError)
     async def image_error(_: Request, exc: ImageError) -> JSONResponse:
@@ -145,8 +165,11 @@ def _install_error_handlers(app: FastAPI, settings: Settings) -> None:
         return _error(422, "; ".join(parts) or "invalid request")
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return _error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        headers = getattr(exc, "headers", None)
+        if exc.status_code == 405:
+            headers = {**(headers or {}), "Allow": _allowed_methods(request)}
+        return _error(exc.status_code, str(exc.detail), headers)
 
     @app.exception_handler(Exception)
     async def unexpected(_: Request, exc: Exception) -> JSONResponse:

@@ -25,6 +25,8 @@ from service.schemas import (
 
 router = APIRouter(tags=["index"])
 DEFAULT_K = 10
+# SQLite integers are 64-bit: a larger OFFSET raised OverflowError (a 500) before this bound.
+MAX_OFFSET = 2**62
 K_HELP = "how many neighbours: default 10 (or DINO_MAX_K if lower), at most DINO_MAX_K"
 KQuery = Annotated[int | None, Query(ge=1, description=K_HELP)]
 
@@ -160,7 +162,7 @@ async def add_items(
 )
 async def list_items(
     rt: RuntimeDep,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 50,
 ) -> ItemList:
     store = rt.store
