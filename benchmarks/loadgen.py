@@ -1,0 +1,221 @@
+"""A bounded load generator: N concurrent clients for T seconds against a loopback server.
+
+    python -m benchmarks.loadgen http://127.0.0.1:8000 --clients 8 --seconds 10 --pid 1234
+
+Each client sends one request at a time (POST /embed with a small generated JPEG by default) and
+waits for its answer. The report (printed as JSON, optionally written to a file) gives requests,
+status counts, latency percentiles (all answers and admitted 2xx answers, overall and per third of
+the run, to see whether admitted latency grows), 503s that lack ``Retry-After``, and the server's
+RSS before and after when its pid is given. Bounded: at most ``MAX_CLIENTS`` clients and
+``MAX_SECONDS`` seconds, and only loopback addresses, so it cannot be turned on someone else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import ipaddress
+import json
+import logging
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+import httpx
+import numpy as np
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+MAX_CLIENTS = 64
+MAX_SECONDS = 120.0
+ENDPOINTS = ("embed", "items", "similar", "healthz")
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident set size of a live process (Linux /proc), in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS line for pid {pid}")
+
+
+def check_loopback(url: str) -> None:
+    host = urlparse(url).hostname or ""
+    if host == "localhost":
+        return
+    try:
+        if ipaddress.ip_address(host).is_loopback:
+            return
+    except ValueError:
+        pass
+    raise ValueError(f"{url}: the load generator only targets loopback (127.0.0.1, ::1, localhost)")
+
+
+def sample_jpeg(seed: int, side: int = 64) -> bytes:
+    """A small distinct JPEG (smooth gradient plus noise) per seed."""
+    rng = np.random.default_rng(seed)
+    ramp = np.linspace(0, 255, side, dtype=np.float32)
+    base = (ramp[None, :, None] * rng.uniform(0.2, 1.0, 3)) + rng.normal(0, 20, (side, side, 3))
+    img = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
+    out = io.BytesIO()
+    img.save(out, format="JPEG", quality=90)
+    return out.getvalue()
+
+
+def percentiles(values: list[float]) -> dict[str, float | None]:
+    """p50/p90/p99/max in milliseconds (None when empty)."""
+    if not values:
+        return {"n": 0, "p50_ms": None, "p90_ms": None, "p99_ms": None, "max_ms": None}
+    arr = np.asarray(values) * 1000.0
+    p50, p90, p99 = np.percentile(arr, [50, 90, 99])
+    return {
+        "n": len(values),
+        "p50_ms": round(float(p50), 2),
+        "p90_ms": round(float(p90), 2),
+        "p99_ms": round(float(p99), 2),
+        "max_ms": round(float(arr.max()), 2),
+    }
+
+
+@dataclass
+class LoadReport:
+    url: str
+    endpoint: str
+    clients: int
+    seconds: float
+    requests: int = 0
+    status: dict[str, int] = field(default_factory=dict)
+    errors: int = 0  # transport failures and 5xx other than 503
+    missing_retry_after: int = 0  # 503 answers without the header
+    latency_all: dict = field(default_factory=dict)
+    latency_ok: dict = field(default_factory=dict)
+    latency_ok_by_third: list[dict] = field(default_factory=list)
+    rss_before: int | None = None
+    rss_after: int | None = None
+    rss_max: int | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _request(endpoint: str, blob: bytes, i: int) -> dict:
+    if endpoint == "embed":
+        return {"method": "POST", "url": "/embed", "files": {"images": ("load.jpg", blob)}}
+    if endpoint == "similar":
+        return {"method": "POST", "url": "/similar", "files": {"image": ("q.jpg", blob)}}
+    if endpoint == "items":
+        return {"method": "POST", "url": "/items", "files": {"images": (f"{i}.jpg", blob)}}
+    return {"method": "GET", "url": "/healthz"}
+
+
+async def run_load(
+    url: str,
+    clients: int,
+    seconds: float,
+    endpoint: str = "embed",
+    pid: int | None = None,
+    token: str | None = None,
+    timeout: float = 60.0,
+) -> LoadReport:
+    """Run ``clients`` closed-loop clients against ``url`` for ``seconds`` and report."""
+    check_loopback(url)
+    if not 1 <= clients <= MAX_CLIENTS:
+        raise ValueError(f"clients must be within 1..{MAX_CLIENTS}, got {clients}")
+    if not 0 < seconds <= MAX_SECONDS:
+        raise ValueError(f"seconds must be within (0, {MAX_SECONDS}], got {seconds}")
+    if endpoint not in ENDPOINTS:
+        raise ValueError(f"endpoint must be one of {ENDPOINTS}, got {endpoint!r}")
+    report = LoadReport(url, endpoint, clients, seconds)
+    blobs = [sample_jpeg(i) for i in range(8)]
+    samples: list[tuple[float, int | str, float, bool]] = []  # start, status, latency, retry
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    rss: list[int] = []
+    if pid:
+        report.rss_before = rss_bytes(pid)
+    started = time.perf_counter()
+    deadline = started + seconds
+    counter = iter(range(10**9))
+
+    async def client_loop(client: httpx.AsyncClient) -> None:
+        while time.perf_counter() < deadline:
+            i = next(counter)
+            t0 = time.perf_counter()
+            try:
+                answer = await client.request(**_request(endpoint, blobs[i % len(blobs)], i))
+                status: int | str = answer.status_code
+                retry = "retry-after" in answer.headers
+            except httpx.HTTPError as exc:
+                status, retry = type(exc).__name__, False
+            samples.append((t0 - started, status, time.perf_counter() - t0, retry))
+
+    async def watch_rss() -> None:
+        while time.perf_counter() < deadline:
+            rss.append(rss_bytes(pid))
+            await asyncio.sleep(0.25)
+
+    async with httpx.AsyncClient(
+        base_url=url, timeout=timeout, limits=limits, headers=headers
+    ) as client:
+        tasks = [client_loop(client) for _ in range(clients)]
+        if pid:
+            tasks.append(watch_rss())
+        await asyncio.gather(*tasks)
+    if pid:
+        report.rss_after = rss_bytes(pid)
+        report.rss_max = max(rss + [report.rss_after])
+    _summarise(report, samples, seconds)
+    return report
+
+
+def _summarise(report: LoadReport, samples: list, seconds: float) -> None:
+    report.requests = len(samples)
+    report.status = dict(sorted(Counter(str(s) for _, s, _, _ in samples).items()))
+    report.errors = sum(
+        1 for _, s, _, _ in samples if isinstance(s, str) or (s >= 500 and s != 503)
+    )
+    report.missing_retry_after = sum(1 for _, s, _, r in samples if s == 503 and not r)
+    report.latency_all = percentiles([lat for _, _, lat, _ in samples])
+    ok = [(t, lat) for t, s, lat, _ in samples if isinstance(s, int) and 200 <= s < 300]
+    report.latency_ok = percentiles([lat for _, lat in ok])
+    report.latency_ok_by_third = [
+        percentiles([lat for t, lat in ok if k * seconds / 3 <= t < (k + 1) * seconds / 3])
+        for k in range(3)
+    ]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("url", help="server base URL (loopback only)")
+    parser.add_argument("--clients", type=int, default=4, help=f"1..{MAX_CLIENTS}")
+    parser.add_argument("--seconds", type=float, default=5.0, help=f"at most {MAX_SECONDS:.0f}")
+    parser.add_argument("--endpoint", choices=ENDPOINTS, default="embed")
+    parser.add_argument("--pid", type=int, help="server pid, to report its RSS")
+    parser.add_argument("--token", help="bearer token (for --endpoint items)")
+    parser.add_argument("--timeout", type=float, default=60.0, help="per request, seconds")
+    parser.add_argument("--json", type=Path, help="also write the report here")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
+    try:
+        report = asyncio.run(
+            run_load(
+                args.url, args.clients, args.seconds, args.endpoint, args.pid, args.token,
+                args.timeout,
+            )
+        )  # fmt: skip
+    except ValueError as exc:
+        parser.error(str(exc))
+    text = json.dumps(report.to_dict(), indent=2)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
