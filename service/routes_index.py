@@ -89,8 +89,10 @@ def _parse_metadata(text: str | None, n: int) -> list[dict[str, Any] | None]:
         return [None] * n
     try:
         value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise HTTPException(422, f"metadata is not valid JSON: {exc}") from None
+    except (ValueError, RecursionError) as exc:
+        # ValueError covers JSONDecodeError and integers over Python's 4300-digit limit;
+        # RecursionError, thousands of nested brackets. Both were 500s.
+        raise HTTPException(422, f"metadata is not valid JSON: {_short(exc)}") from None
     if isinstance(value, dict):
         return [value] * n
     if isinstance(value, list) and len(value) == n:
@@ -100,6 +102,14 @@ def _parse_metadata(text: str | None, n: int) -> list[dict[str, Any] | None]:
     )
 
 
+def _short(exc: Exception) -> str:
+    if isinstance(exc, RecursionError):
+        return "nested too deeply"
+    if not isinstance(exc, json.JSONDecodeError):  # int() refusing a 4300+ digit number
+        return "a number has too many digits"
+    return str(exc)
+
+
 def _parse_ids(ids: list[str] | None, n: int) -> list[str] | None:
     """Repeated ``ids`` fields, or one field holding a JSON array of strings."""
     if not ids:
@@ -107,8 +117,8 @@ def _parse_ids(ids: list[str] | None, n: int) -> list[str] | None:
     if len(ids) == 1 and n > 1 and ids[0].lstrip().startswith("["):
         try:
             ids = json.loads(ids[0])
-        except json.JSONDecodeError as exc:
-            raise HTTPException(422, f"ids is not a valid JSON array: {exc}") from None
+        except (ValueError, RecursionError) as exc:
+            raise HTTPException(422, f"ids is not a valid JSON array: {_short(exc)}") from None
     if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
         raise HTTPException(422, "ids must be strings")
     if len(ids) != n:

@@ -12,6 +12,9 @@ from service.index.errors import DuplicateIdError, InvalidItemError
 
 MAX_ID_LEN = 128
 MAX_METADATA_BYTES = 16 * 1024
+# Deeper metadata was stored, then broke every response that includes it (GET /items/{id}, the
+# gallery's GET /items) with a 500: pydantic stops serialising at ~255 levels, json at ~1000.
+MAX_METADATA_DEPTH = 32
 MAX_THUMBNAIL_BYTES = 256 * 1024
 MAX_SOURCE_LEN = 4096
 
@@ -52,6 +55,10 @@ def metadata_json(metadata: object) -> str:
         metadata = {}
     if not isinstance(metadata, dict):
         raise InvalidItemError(f"metadata must be a JSON object, got {type(metadata).__name__}")
+    if nesting_depth(metadata) > MAX_METADATA_DEPTH:
+        raise InvalidItemError(
+            f"metadata is nested more than {MAX_METADATA_DEPTH} levels deep; flatten it"
+        )
     try:
         text = json.dumps(metadata, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
     except (TypeError, ValueError) as exc:
@@ -62,6 +69,24 @@ def metadata_json(metadata: object) -> str:
             f"metadata is {size} bytes as JSON; the limit is {MAX_METADATA_BYTES} bytes"
         )
     return text
+
+
+def nesting_depth(value: object) -> int:
+    """Levels of dicts and lists (without recursion, so any depth can be measured)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict):
+            children = node.values()
+        elif isinstance(node, list | tuple):
+            children = node
+        else:
+            continue
+        deepest = max(deepest, depth)
+        if depth > MAX_METADATA_DEPTH:  # deep enough to refuse: stop walking
+            break
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
 
 
 def per_item(values: Sequence | None, n: int, what: str) -> list:
