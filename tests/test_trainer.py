@@ -17,15 +17,8 @@ from torch import nn
 from training.config import TrainConfig
 from training.data import ArrayDataset
 from training.schedules import scaled_lr
-from training.trainer import (
-    EXPORT_RESERVE_S,
-    Plan,
-    Trainer,
-    TrainingDiverged,
-    cpu_has_bf16,
-    ema_update,
-    resolve_precision,
-)
+from training.train_parts import Plan, cpu_has_bf16, ema_update, resolve_precision
+from training.trainer import EXPORT_RESERVE_S, Trainer, TrainingDiverged
 
 
 def digits(n: int | None = None, size: int = 16) -> tuple[np.ndarray, np.ndarray]:
@@ -162,14 +155,14 @@ def test_calibration_measures_and_restores_the_state(tmp_path):
 
 
 def test_time_budget_compresses_the_schedules(tmp_path, monkeypatch):
-    cfg = tiny_config(epochs=20)
-    tr = _trainer(tmp_path, cfg, n=64)  # 8 steps per epoch: 160 planned
-    # A fixed step time makes the planning arithmetic exact: 40 s / 0.5 s = 80 steps fit.
+    cfg = tiny_config(epochs=10)
+    tr = _trainer(tmp_path, cfg, n=64)  # 8 steps per epoch: 80 planned
+    # A fixed step time makes the planning arithmetic exact: 16 s / 0.5 s = 32 steps fit.
     monkeypatch.setattr(tr, "_calibrate", lambda: (0.5, 0.0))
-    deadline = time.time() + 40 + EXPORT_RESERVE_S
+    deadline = time.time() + 16 + EXPORT_RESERVE_S
     summary = tr.fit(deadline=deadline)
     assert tr.plan.iters_per_epoch == 8
-    assert tr.plan.sched_iters_per_epoch in (3, 4)  # 80 steps over 20 epochs, less elapsed time
+    assert tr.plan.sched_iters_per_epoch in (2, 3)  # 32 steps over 10 epochs, less elapsed time
     assert summary["iterations"] == tr.plan.total_iters and not summary["stopped_early"]
     assert len(tr.lr_sched) == tr.plan.total_iters
     assert tr.lr_sched[-1] == pytest.approx(cfg.min_lr)  # the cosine still reaches its end
@@ -207,3 +200,20 @@ def test_tiny_end_to_end_training_learns(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert {"step", "epoch", "knn"} <= {r["kind"] for r in rows}
     assert dataclasses.asdict(cfg) == torch.load(tr.checkpoint_path, weights_only=False)["config"]
+
+
+def test_knn_command_on_a_training_checkpoint(tmp_path):
+    from training.knn import main as knn_main
+
+    images, labels = digits(60)
+    for i, (image, label) in enumerate(zip(images, labels, strict=True)):
+        (tmp_path / "data" / str(label)).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(tmp_path / "data" / str(label) / f"{i}.png")
+    tr = _trainer(tmp_path / "run", tiny_config(epochs=1))
+    tr.fit()
+    args = ["--checkpoint", str(tr.checkpoint_path), "--data", str(tmp_path / "data")]
+    trained = knn_main([*args, "--precision", "fp32"])
+    untrained = knn_main([*args, "--precision", "fp32", "--untrained"])
+    assert trained["n_test"] > 0 and 0 <= trained["top1"] <= 100
+    assert json.loads((tmp_path / "run" / "knn.json").read_text())["top1"] == trained["top1"]
+    assert (tmp_path / "run" / "knn_untrained.json").is_file() and untrained["untrained"]

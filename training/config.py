@@ -34,6 +34,7 @@ class TrainConfig:
     fmnist_dir: str | None = None
     grayscale: bool = True
     num_workers: int = 1
+    threads: int | None = None  # torch threads per process; None: cores left by the workers
     # model
     arch: str = "vit_tiny"
     patch_size: int = 4
