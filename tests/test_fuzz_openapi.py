@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 from live_server import Server
+from reliability import record
 from service_helpers import photo_bytes, serve, settings_for
 
 ST = Path(sys.executable).with_name("st")  # schemathesis' CLI, installed beside this python
@@ -68,8 +69,11 @@ def test_schemathesis_finds_no_server_errors_or_schema_violations(tiny_vit_dir, 
     report = run.stdout + run.stderr
     assert run.returncode == 0, report[-6000:]
     assert " 500 " not in log and "Traceback" not in log, log[-4000:]
-    generated = [line for line in report.splitlines() if "generated" in line]
-    print("schemathesis:", generated[-1] if generated else report[-300:])
+    generated = [line.strip() for line in report.splitlines() if " generated" in line]
+    record(
+        "openapi_fuzz",
+        {"max_examples": MAX_EXAMPLES, "result": generated[-1] if generated else None},
+    )
 
 
 async_test = pytest.mark.anyio
