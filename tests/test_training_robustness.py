@@ -49,17 +49,8 @@ def train_cmd(data: Path, out: Path, models: Path, epochs: int, *extra: str) -> 
     ]  # fmt: skip
 
 
-# `python -m training.run --out DIR --resume` refuses every resume today: --preset has a default
-# (parse_args in training/run.py), so "preset" always counts as a flag that would change the
-# saved run. Until that is fixed there, the kill/resume test allows that one field through, so it
-# still proves the rest; test_the_documented_resume_command_is_accepted tracks the bug itself.
-RESUME_SHIM = (
-    "import sys, training.run as r; r.RESUMABLE_OVERRIDES.add('preset'); r.main(sys.argv[1:])"
-)
-
-
 def resume_cmd(out: Path, models: Path | None = None, *extra: str) -> list[str]:
-    cmd = [sys.executable, "-c", RESUME_SHIM, "--out", str(out), "--resume", *extra]
+    cmd = [sys.executable, "-m", "training.run", "--out", str(out), "--resume", *extra]
     return cmd + (["--models-dir", str(models)] if models else [])
 
 
@@ -158,11 +149,6 @@ def _png_header(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="training/run.py: --preset's default makes every --resume refuse with "
-    "\"these flags would change it: ['preset']\"",
-)
 def test_the_documented_resume_command_is_accepted(tmp_path):
     data = digits_folder(tmp_path / "images", 16)
     out, log = tmp_path / "run", tmp_path / "train.log"

@@ -53,7 +53,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--preset", default="quickstart", choices=sorted(PRESETS))
+    p.add_argument(
+        "--preset", choices=sorted(PRESETS), help="default: quickstart (on --resume: the run's own)"
+    )
     p.add_argument("--out", help="run folder (default: runs/<preset>-<time>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--no-export", action="store_true", help="skip the ONNX export at the end")
@@ -85,7 +87,9 @@ def resolve_config(args: argparse.Namespace, run_dir: Path) -> TrainConfig:
     if not ckpt.is_file():
         raise SystemExit(f"--resume: no {CHECKPOINT_NAME} in {run_dir}; pass the run's --out")
     cfg = TrainConfig.from_dict(read_checkpoint(ckpt)["config"])
-    given = {k for k in vars(args) if k in cfg.to_dict()}
+    if args.preset not in (None, cfg.preset):
+        raise SystemExit(f"--resume: {run_dir} is a {cfg.preset} run, not {args.preset}")
+    given = {k for k in vars(args) if k in cfg.to_dict() and k != "preset"}
     fixed = sorted(given - RESUMABLE_OVERRIDES)
     if fixed:
         raise SystemExit(
@@ -142,8 +146,10 @@ def set_threads(cfg: TrainConfig, dist: DistInfo) -> int:
 def main(argv: list[str] | None = None) -> dict:
     t_start = time.time()  # the time budget counts from here: data loading and export included
     args = parse_args(argv)
+    if not args.resume:
+        args.preset = args.preset or "quickstart"
     dist: DistInfo = init_distributed(args.device)
-    run_dir = Path(args.out or f"runs/{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
+    run_dir = Path(args.out or f"runs/{args.preset or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}")
     setup_logging(run_dir, dist.is_main)
     try:
         cfg = resolve_config(args, run_dir)
