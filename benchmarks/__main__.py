@@ -53,20 +53,32 @@ def main(argv: list[str] | None = None) -> dict:
         "command": "python -m benchmarks " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": machine(),
     }
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / result_stem(result)
+    failed = []
     # Imported lazily: each section pulls in heavy libraries the others do not need.
     for section in (s for s in SECTIONS if s in only):
         t0 = time.perf_counter()
         log.info("=== %s (%s mode)", section, mode.name)
-        module = __import__(f"benchmarks.{section}_bench", fromlist=["run"])
-        result[section] = module.run(mode, args.threads, result)
+        try:
+            module = __import__(f"benchmarks.{section}_bench", fromlist=["run"])
+            result[section] = module.run(mode, args.threads, result)
+        except Exception as exc:  # one broken section must not lose the others' figures
+            log.exception("section %s failed", section)
+            result[section] = {"error": f"{type(exc).__name__}: {exc}"}
+            failed.append(section)
         result[section]["seconds"] = round(time.perf_counter() - t0, 1)
-    result["machine"]["load_avg_end"] = list(os.getloadavg())
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / result_stem(result)
+        result["machine"]["load_avg_end"] = list(os.getloadavg())
+        _write(result, stem)  # after every section: a later failure keeps what was measured
+    log.info("wrote %s.json and .md in %.0f s", stem, time.time() - started)
+    if failed:
+        sys.exit(f"benchmark section(s) failed: {', '.join(failed)} (see the log above)")
+    return result
+
+
+def _write(result: dict, stem: Path) -> None:
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     write_markdown(result, stem.with_suffix(".md"))
-    log.info("wrote %s.json and .md in %.0f s", stem, time.time() - started)
-    return result
 
 
 if __name__ == "__main__":

@@ -100,9 +100,10 @@ def write_markdown(result: dict, path: Path) -> None:
         "Versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v),
         "",
     ]
-    for key, render in (("engine", _engine), ("http", _http), ("search", _search)):
-        if key in result:
+    renders = (("engine", _engine), ("http", _http), ("search", _search), ("train", _train))
+    for key, render in renders:
+        if key in result and "error" in result[key]:
+            lines += [f"## {key}", "", f"FAILED: {result[key]['error']}", ""]
+        elif key in result:
             lines += render(result[key]) + [""]
-    if "train" in result:
-        lines += _train(result["train"]) + [""]
     path.write_text("\n".join(lines))

@@ -11,7 +11,7 @@ import statistics
 import tempfile
 import time
 
-from benchmarks.common import Mode
+from benchmarks.common import Mode, cpu_flags
 
 log = logging.getLogger(__name__)
 
@@ -81,10 +81,13 @@ def _step_img_s(recipe: str, precision: str, overrides: dict, steps: int) -> dic
     return row
 
 
+def cpu_has_bf16() -> bool:
+    """Native bf16 matrix units (what makes autocast worth it on a CPU)."""
+    return bool({"avx512_bf16", "amx_bf16"} & set(cpu_flags()))
+
+
 def run(mode: Mode, threads: int, so_far: dict) -> dict:
     import torch
-
-    from training.trainer import cpu_has_bf16
 
     torch.set_num_threads(threads)
     rows = []
