@@ -59,7 +59,8 @@ def _step_img_s(recipe: str, precision: str, overrides: dict, steps: int) -> dic
     with tempfile.TemporaryDirectory(prefix="bench-train-") as run_dir:
         trainer = Trainer(cfg, data, run_dir, show_progress=False)
         n = len(trainer.loader)
-        trainer.build_schedules(Plan(n, n, cfg.epochs))
+        # Schedules long enough for the warm-up plus the timed steps whatever the data size.
+        trainer.build_schedules(Plan(n, max(n, steps + 1), cfg.epochs))
         crops = next(iter(trainer.loader))[0]
         trainer._step(crops)  # warm-up: first-call allocations and kernel selection
         times = []
