@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install --disable-pip-version-check -q -e '.[train,serve,dev]' && touch $@
+	$(PY) -m pip install --disable-pip-version-check -q -e '.[train,serve,fast,dev]' && touch $@
 
 install: $(STAMP)
 
@@ -31,7 +31,7 @@ test: install
 	$(PY) -m pytest
 
 bench: install
-	$(PY) -m pip install --disable-pip-version-check -q -e '.[fast]' && $(PY) -m benchmarks $(BENCH_ARGS)
+	$(PY) -m benchmarks $(BENCH_ARGS)
 
 format: install
 	$(VENV)/bin/ruff check --fix . && $(VENV)/bin/ruff format .

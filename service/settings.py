@@ -36,7 +36,7 @@ class Settings(BaseSettings):
     )
     model_variant: Literal["fp32", "int8"] = Field("fp32", description="which ONNX file to run")
     engine: Literal["auto", "onnxruntime", "openvino"] = Field(
-        "onnxruntime",
+        "auto",
         description="inference engine; auto: openvino (extra fast) with bf16 where the CPU has it, "
         "else onnxruntime",
     )

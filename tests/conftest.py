@@ -6,9 +6,15 @@ torch-free service tests) do not pay for it.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+# The served default (DINO_ENGINE=auto) is OpenVINO bf16 where it is installed and the CPU has
+# bf16; the service tests compare against onnxruntime fp32 to 1e-5, so they pin the reference
+# engine. tests/test_engines.py covers OpenVINO and `auto`, tests/test_quickstart.py the default.
+os.environ["DINO_ENGINE"] = "onnxruntime"
 
 TINY_VIT = {"arch": "vit_tiny", "patch_size": 8, "depth": 2, "img_size": 32}
 TINY_RESNET = {"arch": "resnet18", "image_size": 64}

@@ -36,6 +36,7 @@ class Server:
             "DINO_DATA_DIR": str(data_dir),
             "DINO_PORT": str(self.port),
             "DINO_THREADS": "1",
+            "DINO_ENGINE": "onnxruntime",  # the reference engine, as in conftest.py
             **(env or {}),
         }
         with open(log, "w") as out:
