@@ -146,6 +146,7 @@ class Runtime:
             dim=self.manifest.embed_dim,
             index_type=self.settings.index_type,
             model_name=self.manifest.name,
+            **self.settings.index_params,
         )
 
     async def stop(self) -> None:

@@ -60,6 +60,10 @@ class Settings(BaseSettings):
         448, ge=16, description="long side for /attention at patch 16; scaled with the patch size"
     )
     index_type: Literal["flat", "hnsw", "ivf"] = "flat"
+    index_params: dict[str, int] = Field(
+        default_factory=dict,
+        description='JSON, e.g. {"ef_search": 128} (hnsw) or {"nlist": 4096, "nprobe": 32} (ivf)',
+    )
     thumbnail_side: int = Field(128, ge=16, le=512, description="stored JPEG thumbnail size")
     retry_after_s: int = Field(1, ge=1, description="Retry-After on 503")
 

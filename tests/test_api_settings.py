@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
+from service_helpers import serve, settings_for
 
 from service.settings import Settings, SettingsError, attention_max_side, find_model_dir
 
@@ -45,3 +46,21 @@ def test_attention_side_scales_with_the_patch_size():
     assert attention_max_side(s, 16) == 448
     assert attention_max_side(s, 8) == 224
     assert attention_max_side(s, 14) == 392
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"
+
+
+@pytest.mark.anyio
+async def test_index_parameters_come_from_the_environment(monkeypatch, tiny_vit_dir, tmp_path):
+    monkeypatch.setenv("DINO_INDEX_PARAMS", '{"ef_search": 200, "hnsw_m": 16}')
+    settings = settings_for(tiny_vit_dir, tmp_path / "data", index_type="hnsw")
+    async with serve(settings) as client:
+        stats = (await client.get("/index")).json()
+    assert stats["type"] == "hnsw"
+    assert stats["params"] == {"hnsw_m": 16, "ef_construction": 80, "ef_search": 200}
+    monkeypatch.setenv("DINO_INDEX_PARAMS", "not json")
+    with pytest.raises(ValueError, match="index_params"):
+        Settings()

@@ -118,6 +118,7 @@ def run(args: argparse.Namespace) -> int:
         settings.index_type,
         model_name=manifest.name,
         progress=progress,
+        **settings.index_params,
     ) as store:
         report = build_folder(
             store,

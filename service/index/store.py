@@ -317,6 +317,7 @@ class IndexStore:
                 "pending_since_snapshot": self._pending,
                 "tombstones": len(ann.tombstones),
                 "trained": ann.is_ivf if ann.params.index_type == "ivf" else None,
+                "params": ann.params.in_effect(),
             }
 
     # ---- snapshots and shutdown ---------------------------------------------------------------
