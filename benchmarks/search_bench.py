@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 DIM = 384
 K = 10
-SWEEP = {"hnsw": ("ef_search", (16, 32, 64, 128)), "ivf": ("nprobe", (4, 8, 16, 32))}
+SWEEP = {"hnsw": ("ef_search", (16, 32, 64, 128, 256)), "ivf": ("nprobe", (4, 8, 16, 32, 64))}
 
 
 def _build(index_type: str, base: np.ndarray, threads: int):
