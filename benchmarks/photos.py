@@ -11,22 +11,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from training.parity import PHOTO_NAMES
+
 log = logging.getLogger(__name__)
 
-SKIMAGE_PHOTOS = (
-    "astronaut",
-    "chelsea",
-    "coffee",
-    "rocket",
-    "camera",
-    "coins",
-    "immunohistochemistry",
-    "hubble_deep_field",
-    "colorwheel",
-    "clock",
-    "moon",
-    "page",
-)
+# The export's parity photos: the same real images everywhere.
+SKIMAGE_PHOTOS = PHOTO_NAMES
 
 
 def foolbox_photos() -> list[Path]:
