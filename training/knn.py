@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -157,7 +158,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--k", type=int, default=20)
     p.add_argument("--temperature", type=float, default=0.07)
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--num-workers", type=int, default=1, help="image decoding processes")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
     p.add_argument("--out", help="write the result JSON here")
     p.add_argument(
@@ -200,6 +201,8 @@ def main(argv: list[str] | None = None) -> dict:
     crop = args.crop or cfg.eval_crop
     tf = eval_transform(resize, crop, cfg.mean, cfg.std)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":  # as training.run does: compute threads only on the cores workers leave
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) - args.num_workers))
     result = evaluate_knn(
         backbone.to(device),
         splits.knn_train.with_transform(tf),
