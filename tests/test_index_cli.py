@@ -35,6 +35,7 @@ def write_images(root: Path, names: dict[str, str]) -> None:
 
 def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("DINO_")}
+    clean["DINO_ENGINE"] = "onnxruntime"  # the reference engine: vectors compared to ORT at 1e-5
     return subprocess.run(
         [sys.executable, "-m", "service.index", *args],
         capture_output=True,

@@ -14,7 +14,7 @@ import sys
 from functools import partial
 from pathlib import Path
 
-from service.engine import load_engine
+from service.engines import open_engine
 from service.index.build import build_folder, embed_files, load_metadata
 from service.index.errors import IndexStoreError
 from service.index.meta import read_info
@@ -87,7 +87,16 @@ def run(args: argparse.Namespace) -> int:
         return 0
     model_dir = find_model_dir(settings)
     manifest = load_manifest(model_dir)
-    engine = load_engine(model_dir, manifest, settings.model_variant, settings.threads)
+    # The server's own engine choice (DINO_ENGINE / DINO_PRECISION), so stored vectors and
+    # queries come from the same computation.
+    engine = open_engine(
+        model_dir,
+        manifest,
+        settings.model_variant,
+        settings.threads,
+        settings.engine,
+        settings.precision,
+    )
     embed = partial(
         embed_files,
         manifest=manifest,
