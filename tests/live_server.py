@@ -22,33 +22,30 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-class Server:
-    def __init__(
-        self, model_dir: Path, data_dir: Path, log: Path, env: dict[str, str] | None = None
-    ) -> None:
+class LiveProcess:
+    """A command that ends up serving HTTP on ``self.port`` (DINO_PORT), its output in ``log``.
+
+    The environment starts without any DINO_* variable of the caller's, so tests are hermetic.
+    """
+
+    def __init__(self, command: list[str], log: Path, env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
-        env = {
+        full_env = {
             **{k: v for k, v in os.environ.items() if not k.startswith("DINO_")},
-            "DINO_MODELS_DIR": str(model_dir.parent),
-            "DINO_MODEL": model_dir.name,
-            "DINO_DATA_DIR": str(data_dir),
             "DINO_PORT": str(self.port),
             "DINO_THREADS": "1",
-            "DINO_ENGINE": "onnxruntime",  # the reference engine, as in conftest.py
             **(env or {}),
         }
         with open(log, "w") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "service"], cwd=ROOT, env=env, stdout=out, stderr=out
-            )
+            self.proc = subprocess.Popen(command, cwd=ROOT, env=full_env, stdout=out, stderr=out)
 
     def wait_ready(self, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise AssertionError(f"server exited early:\n{self.output()}")
+                raise AssertionError(f"exited early ({self.proc.returncode}):\n{self.output()}")
             try:
                 if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
                     return
@@ -73,3 +70,18 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.kill9()
         return self.proc.returncode
+
+
+class Server(LiveProcess):
+    """``python -m service`` over one model folder and a data directory."""
+
+    def __init__(
+        self, model_dir: Path, data_dir: Path, log: Path, env: dict[str, str] | None = None
+    ) -> None:
+        settings = {
+            "DINO_MODELS_DIR": str(model_dir.parent),
+            "DINO_MODEL": model_dir.name,
+            "DINO_DATA_DIR": str(data_dir),
+            "DINO_ENGINE": "onnxruntime",  # the reference engine, as in conftest.py
+        }
+        super().__init__([sys.executable, "-m", "service"], log, {**settings, **(env or {})})

@@ -4,17 +4,14 @@ serve; then a second run that reuses the model and the index."""
 from __future__ import annotations
 
 import gzip
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
-from live_server import ROOT, free_port
+from live_server import ROOT, LiveProcess
 from PIL import Image
 from service_helpers import encode, photo
 from sklearn.datasets import load_digits
@@ -52,48 +49,19 @@ def tiny_fmnist(tmp_path_factory) -> Path:
     return root
 
 
-class MainCommand:
+def main_command(tmp: Path, fmnist: Path, log_name: str) -> LiveProcess:
     """``python -m training.quickstart`` as ``make run`` starts it, in its own folders."""
-
-    def __init__(self, tmp: Path, fmnist: Path, log_name: str) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = tmp / log_name
-        env = {k: v for k, v in os.environ.items() if not k.startswith("DINO_")}
-        env.update(DINO_PORT=str(self.port), DINO_THREADS="1")
-        command = [sys.executable, "-m", "training.quickstart"]
-        command += ["--models-dir", str(tmp / "models"), "--data-dir", str(tmp / "data")]
-        command += ["--run-dir", str(tmp / "run"), "--fmnist-dir", str(fmnist)]
-        # A tiny training: a few seconds of steps, small batches.
-        command += ["--", "--time-budget-min", "0.4", "--batch-size", "32", "--epochs", "2"]
-        with open(self.log, "w") as out:
-            self.proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=out)
-
-    def output(self) -> str:
-        return self.log.read_text()
-
-    def wait_ready(self, timeout: float) -> float:
-        started = time.monotonic()
-        while time.monotonic() - started < timeout:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"exited with {self.proc.returncode}:\n{self.output()}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return time.monotonic() - started
-            except httpx.TransportError:
-                pass
-            time.sleep(0.25)
-        raise AssertionError(f"not serving after {timeout} s:\n{self.output()}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(30)
+    command = [sys.executable, "-m", "training.quickstart"]
+    command += ["--models-dir", str(tmp / "models"), "--data-dir", str(tmp / "data")]
+    command += ["--run-dir", str(tmp / "run"), "--fmnist-dir", str(fmnist)]
+    # A tiny training: a few seconds of steps, small batches.
+    command += ["--", "--time-budget-min", "0.4", "--batch-size", "32", "--epochs", "2"]
+    return LiveProcess(command, tmp / log_name)
 
 
 @pytest.mark.slow
 def test_main_command_trains_indexes_and_serves_then_restarts_fast(tiny_fmnist, tmp_path):
-    first = MainCommand(tmp_path, tiny_fmnist, "first.log")
+    first = main_command(tmp_path, tiny_fmnist, "first.log")
     try:
         first.wait_ready(timeout=600)
         log = first.output()
@@ -124,7 +92,7 @@ def test_main_command_trains_indexes_and_serves_then_restarts_fast(tiny_fmnist, 
     finally:
         first.stop()
 
-    second = MainCommand(tmp_path, tiny_fmnist, "second.log")
+    second = main_command(tmp_path, tiny_fmnist, "second.log")
     try:
         second.wait_ready(timeout=120)
         log = second.output()
