@@ -17,7 +17,10 @@ MANIFEST_NAME = "manifest.json"
 MODEL_FILE = "model.onnx"
 INT8_FILE = "model.int8.onnx"
 INPUT_NAME = "pixel_values"
-VIT_OUTPUTS = ("embedding", "patch_tokens", "attention")
+LAYER_TOKENS = "layer_tokens"
+# What a ViT export writes today; artifacts exported before ``layer_tokens`` existed still load.
+VIT_OUTPUTS = ("embedding", "patch_tokens", "attention", LAYER_TOKENS)
+LEGACY_VIT_OUTPUTS = VIT_OUTPUTS[:3]
 RESNET_OUTPUTS = ("embedding",)
 FORMAT_VERSION = 1
 
@@ -65,6 +68,7 @@ class ParityCheck(_Strict):
     embedding_max_abs_diff: float
     embedding_cosine_min: float
     attention_max_abs_diff: float | None = None
+    layer_tokens_max_abs_diff: float | None = None
 
 
 class Provenance(_Strict):
@@ -86,6 +90,10 @@ class Manifest(_Strict):
     embed_dim: int = Field(gt=0)
     num_heads: int | None = Field(default=None, gt=0)
     depth: int | None = None
+    token_layers: tuple[int, ...] | None = Field(
+        default=None,
+        description="the ViT blocks (0-based) whose patch tokens layer_tokens holds, in order",
+    )
     train_image_size: int = Field(gt=0)
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
@@ -104,10 +112,13 @@ class Manifest(_Strict):
         if self.family == "vit":
             if self.patch_size is None or self.num_heads is None:
                 raise ValueError("a ViT manifest needs patch_size and num_heads")
-            if tuple(self.outputs) != VIT_OUTPUTS:
+            if tuple(self.outputs) not in (VIT_OUTPUTS, LEGACY_VIT_OUTPUTS):
                 raise ValueError(f"a ViT artifact has outputs {VIT_OUTPUTS}, got {self.outputs}")
+            self._check_token_layers()
         elif tuple(self.outputs) != RESNET_OUTPUTS:
             raise ValueError(f"a ResNet artifact has outputs {RESNET_OUTPUTS}, got {self.outputs}")
+        elif self.token_layers is not None:
+            raise ValueError("token_layers is for ViT artifacts only")
         if MODEL_FILE not in self.files:
             raise ValueError(f"files must list {MODEL_FILE}")
         for key, variant in self.variants.items():
@@ -117,9 +128,25 @@ class Manifest(_Strict):
             raise ValueError("std must be positive")
         return self
 
+    def _check_token_layers(self) -> None:
+        layers = self.token_layers
+        if (LAYER_TOKENS in self.outputs) != (layers is not None):
+            raise ValueError(f"token_layers goes with the {LAYER_TOKENS} output, and only with it")
+        if layers is None:
+            return
+        if not layers or list(layers) != sorted(set(layers)) or layers[0] < 0:
+            raise ValueError(f"token_layers must be distinct, ascending and >= 0, got {layers}")
+        if self.depth is not None and layers[-1] >= self.depth:
+            raise ValueError(f"token_layers {layers} name blocks beyond depth {self.depth}")
+
     @property
     def has_attention(self) -> bool:
         return "attention" in self.outputs
+
+    @property
+    def has_layer_tokens(self) -> bool:
+        """Whether the graph gives several blocks' patch tokens (older ViT exports do not)."""
+        return LAYER_TOKENS in self.outputs
 
     @property
     def model_sha256(self) -> str:

@@ -5,11 +5,12 @@ Torch-free: onnxruntime, numpy and Pillow only.
 ``/distance`` gives two numbers. ``embedding_distance`` is ``1 - cos`` of the CLS embeddings, each
 image prepared exactly as ``/embed`` prepares it. ``patch_distance`` compares the images where
 they are: both are resized to the model's crop size (square, whole image, no crop) so their patch
-grids align, and it is the mean over patches of ``1 - cos`` between the patch tokens, the same
-quantity ``training.perceptual.FeaturePredictionLoss`` computes per layer. The served artifact
-exposes the **last block's** tokens only, so this is a one-layer distance; a multi-layer one
-would need an extra artifact output (e.g. ``layer_tokens [B, L, h*w, D]``), not part of the
-contract today.
+grids align. Per block of the artifact's ``layer_tokens`` (the manifest's ``token_layers``: the
+last 4 blocks, each through the final norm) it is the mean over patches of ``1 - cos`` between
+the two images' tokens, and ``patch_distance`` is the mean over those blocks: the feature term of
+``training.perceptual.FeaturePredictionLoss`` with its default layers and equal weights. ViT
+artifacts exported before ``layer_tokens`` existed get the last block's ``patch_tokens`` only
+(``patch_layers: ["last"]``).
 
 ``/reconstruct`` runs ``decoder.onnx`` (written by ``python -m training.invert`` beside the model,
 described by ``decoder.json``) on the image's patch tokens, the image reflect-padded to whole
@@ -33,7 +34,7 @@ from fastapi.responses import Response
 from PIL import Image
 from pydantic import BaseModel, Field
 
-from service.manifest import MODEL_FILE, Manifest, sha256_file
+from service.manifest import LAYER_TOKENS, MODEL_FILE, Manifest, sha256_file
 from service.preprocess import attention_pixels, eval_pixels, normalise
 from service.routes_common import ModelRuntimeDep, read_images
 from service.runtime import Runtime
@@ -50,10 +51,14 @@ class DistanceResponse(BaseModel):
     model: str
     embedding_distance: float = Field(description="1 - cosine of the CLS embeddings (0..2)")
     patch_distance: float | None = Field(
-        description="mean over patches of 1 - cosine of the last block's patch tokens, both "
-        "images resized to the model's crop size; null for a model without patch tokens"
+        description="mean over the compared ViT blocks of (mean over patches of 1 - cosine of "
+        "their patch tokens), both images resized to the model's crop size; null for a model "
+        "without patch tokens"
     )
-    patch_layers: list[str] = Field(description="which layers patch_distance compares")
+    patch_layers: list[str] = Field(
+        description="the blocks patch_distance compares (0-based indices, e.g. "
+        '["8", "9", "10", "11"]), or ["last"] for an artifact without layer_tokens'
+    )
     grid: list[int] | None = Field(description="patch grid compared [h, w]")
 
 
@@ -75,6 +80,19 @@ def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(axis=-1) / den
 
 
+async def layer_distance(rt: Runtime, px: list[np.ndarray]) -> tuple[float, list[str]]:
+    """Patch-token distance of two prepared images: the mean over the exported blocks of the
+    mean over patches of ``1 - cos``, with the block names; ``["last"]`` on older artifacts."""
+    manifest = rt.manifest
+    assert manifest is not None and rt.batcher is not None
+    if manifest.has_layer_tokens and manifest.token_layers:
+        tok = (await rt.batcher.infer(px, (LAYER_TOKENS,)))[LAYER_TOKENS]  # [2, L, N, D]
+        per_layer = (1.0 - cosine_rows(tok[0], tok[1])).mean(axis=-1)  # [L]
+        return float(per_layer.mean()), [str(i) for i in manifest.token_layers]
+    tok = (await rt.batcher.infer(px, ("patch_tokens",)))["patch_tokens"]
+    return float((1.0 - cosine_rows(tok[0], tok[1])).mean()), ["last"]
+
+
 async def perceptual_distance(
     rt: Runtime, first: Image.Image, second: Image.Image
 ) -> DistanceResponse:
@@ -86,18 +104,17 @@ async def perceptual_distance(
     )
     e = emb["embedding"]
     embedding_distance = float(1.0 - cosine_rows(e[0], e[1]))
-    patch_distance, grid = None, None
+    patch_distance, grid, layers = None, None, []
     if "patch_tokens" in manifest.outputs:
         px = [square_pixels(first, manifest), square_pixels(second, manifest)]
-        tok = (await rt.batcher.infer(px, ("patch_tokens",)))["patch_tokens"]
-        patch_distance = float((1.0 - cosine_rows(tok[0], tok[1])).mean())
+        patch_distance, layers = await layer_distance(rt, px)
         side = px[0].shape[-1] // (manifest.patch_size or 1)
         grid = [side, side]
     return DistanceResponse(
         model=manifest.name,
         embedding_distance=embedding_distance,
         patch_distance=patch_distance,
-        patch_layers=["last"] if patch_distance is not None else [],
+        patch_layers=layers,
         grid=grid,
     )
 

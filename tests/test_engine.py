@@ -39,7 +39,7 @@ def test_engine_session_options_and_outputs(engine, tiny_vit_dir):
     options = engine.session.get_session_options()
     assert options.intra_op_num_threads == 1 and options.inter_op_num_threads == 1
     assert options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    assert engine.output_names == ("embedding", "patch_tokens", "attention")
+    assert engine.output_names == ("embedding", "patch_tokens", "attention", "layer_tokens")
     batch = np.stack([pixels(0), pixels(1)])
     out = engine.run(batch, ("embedding", "attention"))
     assert out["embedding"].shape == (2, 192) and out["attention"].shape == (2, 3, 16)

@@ -40,7 +40,7 @@ def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def test_openvino_matches_onnxruntime(tiny_vit_dir, photo_pixels, reference, precision):
     engine = OpenVinoEngine(tiny_vit_dir / MODEL_FILE, 1, INPUT_NAME, precision)
     assert engine.input_name == INPUT_NAME
-    assert engine.output_names == ("embedding", "patch_tokens", "attention")
+    assert engine.output_names == ("embedding", "patch_tokens", "attention", "layer_tokens")
     expected = "bf16" if precision == "bf16" and cpu_supports_bf16() else "fp32"
     assert engine.precision == expected
     out = engine.run(photo_pixels, ("embedding", "attention"))

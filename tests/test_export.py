@@ -82,9 +82,15 @@ def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def _torch_outputs(backbone, x: np.ndarray) -> list[np.ndarray]:
+    """The artifact's outputs as PyTorch computes them, independently of the export's graph:
+    a ViT's layer_tokens from DINO's get_intermediate_layers (last 2 of the tiny ViT's 2 blocks)."""
     with torch.no_grad():
         t = torch.from_numpy(x)
-        out = backbone.forward_features(t) if backbone.family == "vit" else (backbone(t),)
+        if backbone.family != "vit":
+            return [backbone(t).numpy()]
+        out = list(backbone.forward_features(t))
+        seqs = backbone.get_intermediate_layers(t, n=min(4, len(backbone.blocks)))
+        out.append(torch.stack([s[:, 1:] for s in seqs], dim=1))
     return [o.numpy() for o in out]
 
 
@@ -98,7 +104,8 @@ def test_vit_manifest_records_contract_and_parity(tiny_vit_dir):
     manifest = load_manifest(tiny_vit_dir, verify_files=True)
     assert manifest.name == "tiny-vit" and manifest.family == "vit"
     assert (manifest.patch_size, manifest.embed_dim, manifest.num_heads) == (8, 192, 3)
-    assert manifest.outputs == ("embedding", "patch_tokens", "attention")
+    assert manifest.outputs == ("embedding", "patch_tokens", "attention", "layer_tokens")
+    assert manifest.token_layers == (0, 1) and manifest.has_layer_tokens  # depth 2: both blocks
     assert (manifest.eval_transform.resize, manifest.eval_transform.crop) == (37, 32)
     assert manifest.opset == 17 and "dynamo=False" in manifest.provenance.exporter
     assert manifest.provenance.source == "random" and manifest.provenance.torch_version
@@ -108,6 +115,8 @@ def test_vit_manifest_records_contract_and_parity(tiny_vit_dir):
         assert check.embedding_cosine_min >= 0.9999
         assert check.embedding_max_abs_diff < 1e-4
         assert check.attention_max_abs_diff is not None and check.attention_max_abs_diff < 1e-5
+        assert check.layer_tokens_max_abs_diff is not None
+        assert check.layer_tokens_max_abs_diff < 1e-4
     # One self-contained file per model (no external-data side files), no temp folders left.
     assert {p.name for p in tiny_vit_dir.iterdir()} == {MANIFEST_NAME, MODEL_FILE, INT8_FILE}
     assert [p.name for p in tiny_vit_dir.parent.iterdir()] == ["tiny-vit"]
@@ -126,7 +135,9 @@ def test_resnet_manifest_has_embedding_only(tiny_resnet_dir):
     assert manifest.family == "resnet" and manifest.outputs == ("embedding",)
     assert manifest.embed_dim == 512 and manifest.patch_size is None
     assert not manifest.has_attention and manifest.variants == {}
+    assert manifest.token_layers is None and not manifest.has_layer_tokens
     assert all(p.attention_max_abs_diff is None for p in manifest.parity)
+    assert all(p.layer_tokens_max_abs_diff is None for p in manifest.parity)
     assert min(p.embedding_cosine_min for p in manifest.parity) >= 0.9999
 
 
@@ -177,6 +188,7 @@ def test_onnx_runs_without_torch_and_matches_pytorch_at_any_shape(
             h, w = 64 // 8, 48 // 8
             assert got["s2/attention"].shape == (3, 3, h * w)
             assert got["s2/patch_tokens"].shape == (3, h * w, 192)
+            assert got["s2/layer_tokens"].shape == (3, 2, h * w, 192)
 
 
 def test_int8_below_threshold_is_skipped_with_its_figure(tiny_vit, tmp_path, caplog):

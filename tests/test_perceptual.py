@@ -155,7 +155,7 @@ async def test_distance_ranks_a_blurred_copy_closer(tiny_vit_dir, tmp_path):
     assert s["patch_distance"] < 1e-5 and s["embedding_distance"] < 1e-5
     assert n["patch_distance"] < f["patch_distance"]
     assert n["embedding_distance"] < f["embedding_distance"]
-    assert f["patch_layers"] == ["last"] and f["grid"] == [4, 4]  # crop 32 / patch 8
+    assert f["patch_layers"] == ["0", "1"] and f["grid"] == [4, 4]  # both blocks; crop 32 / patch 8
     assert back.json()["patch_distance"] == pytest.approx(f["patch_distance"], rel=1e-6)
 
 

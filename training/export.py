@@ -45,7 +45,14 @@ from service.manifest import (
     write_manifest,
 )
 from training.atomic import STAGING_DIR, publish_dir, remove_stale
-from training.onnx_graph import EXPORTER, OPSET, export_onnx, inference_copy, output_names
+from training.onnx_graph import (
+    EXPORTER,
+    OPSET,
+    export_onnx,
+    inference_copy,
+    output_names,
+    token_layers,
+)
 from training.parity import (
     check_parity,
     load_photo,
@@ -190,6 +197,7 @@ def export_backbone(
             embed_dim=backbone.embed_dim,
             num_heads=backbone.num_heads if family == "vit" else None,
             depth=getattr(backbone, "depth", None),
+            token_layers=token_layers(backbone),
             train_image_size=train_image_size,
             mean=tuple(mean),
             std=tuple(std),

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from service.manifest import INPUT_NAME, RESNET_OUTPUTS, VIT_OUTPUTS
+from service.manifest import INPUT_NAME, LAYER_TOKENS, RESNET_OUTPUTS, VIT_OUTPUTS
 
 log = logging.getLogger(__name__)
 
@@ -33,19 +33,55 @@ EXPORTER = f"torch.onnx TorchScript exporter (dynamo=False), opset {OPSET}"
 MAX_PROTO_BYTES = 2**31 - 1
 
 
+def token_layers(backbone: nn.Module) -> tuple[int, ...] | None:
+    """The blocks whose patch tokens a ViT artifact exports as ``layer_tokens``: the last 4 (or
+    all, if fewer), the same default as ``FeaturePredictionLoss``, so the server's multi-layer
+    ``/distance`` is the loss's feature term. None for a ResNet."""
+    if backbone.family != "vit":
+        return None
+    depth = len(backbone.blocks)
+    return tuple(range(max(0, depth - 4), depth))
+
+
 class FeatureGraph(nn.Module):
-    """What the artifact computes: ViT -> (embedding, patch_tokens, attention); ResNet ->
-    (embedding,)."""
+    """What the artifact computes: ViT -> (embedding, patch_tokens, attention, layer_tokens);
+    ResNet -> (embedding,).
+
+    ``layer_tokens [B, L, h*w, D]`` are the patch tokens (no CLS) after each block of
+    ``token_layers``, each passed through the final norm as DINO's ``get_intermediate_layers``
+    does; the last of them is the last block, so its entry is ``patch_tokens`` itself. The
+    earlier blocks' tokens are read by forward hooks during the single ``forward_features`` pass:
+    that method stays the one definition of the other outputs.
+    """
 
     def __init__(self, backbone: nn.Module) -> None:
         super().__init__()
         self.backbone = backbone
         self.is_vit = backbone.family == "vit"
+        self.token_layers = token_layers(backbone) or ()
+        assert not self.is_vit or self.token_layers[-1] == len(backbone.blocks) - 1
 
     def forward(self, pixel_values: Tensor) -> tuple[Tensor, ...]:
-        if self.is_vit:
-            return self.backbone.forward_features(pixel_values)
-        return (self.backbone(pixel_values),)
+        if not self.is_vit:
+            return (self.backbone(pixel_values),)
+        seen: list[Tensor] = []
+        hooks = [
+            self.backbone.blocks[i].register_forward_hook(
+                lambda _m, _args, out: seen.append(out[0])  # a block returns (tokens, attention)
+            )
+            for i in self.token_layers[:-1]
+        ]
+        try:
+            embedding, patches, attention = self.backbone.forward_features(pixel_values)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        # Reusing ``patches`` rather than norming the last block again keeps one tensor per
+        # output: OpenVINO merges equal computations and would then report ``patch_tokens``
+        # under an internal name.
+        norm = self.backbone.norm
+        layers = torch.stack([norm(t)[:, 1:] for t in seen] + [patches], dim=1)
+        return embedding, patches, attention, layers
 
 
 def output_names(backbone: nn.Module) -> tuple[str, ...]:
@@ -63,6 +99,8 @@ def dynamic_axes(names: tuple[str, ...]) -> dict[str, dict[int, str]]:
     if "patch_tokens" in names:
         axes["patch_tokens"] = {0: "batch", 1: "patches"}
         axes["attention"] = {0: "batch", 2: "patches"}
+    if LAYER_TOKENS in names:
+        axes[LAYER_TOKENS] = {0: "batch", 2: "patches"}
     return axes
 
 

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from service.manifest import INPUT_NAME, ParityCheck
+from service.manifest import INPUT_NAME, LAYER_TOKENS, ParityCheck
 from training.onnx_graph import FeatureGraph
 
 log = logging.getLogger(__name__)
@@ -109,7 +109,8 @@ def check_parity(
     backbone: nn.Module, onnx_path: Path, inputs: Sequence[np.ndarray]
 ) -> tuple[ParityCheck, ...]:
     """Run PyTorch and onnxruntime on each input; raise ``ParityError`` if an embedding's cosine
-    falls below ``MIN_FP32_COSINE`` or any output's shape differs."""
+    or a layer token's (ViT ``layer_tokens``: what ``/distance`` compares) falls below
+    ``MIN_FP32_COSINE``, or any output's shape differs."""
     session = ort_session(onnx_path)
     names = [o.name for o in session.get_outputs()]
     graph = FeatureGraph(backbone).eval()
@@ -136,10 +137,15 @@ def check_parity(
                 if "attention" in out
                 else None
             ),
+            layer_tokens_max_abs_diff=(
+                float(np.abs(out[LAYER_TOKENS] - ref[LAYER_TOKENS]).max())
+                if LAYER_TOKENS in out
+                else None
+            ),
         )
-        extra = {  # logged only: the manifest's ParityCheck has no field for patch tokens
+        extra = {  # patch tokens are logged only: the manifest's ParityCheck has no field for them
             k: f"{np.abs(out[k] - ref[k]).max():.2e}"
-            for k in ("attention", "patch_tokens")
+            for k in ("attention", "patch_tokens", LAYER_TOKENS)
             if k in out
         }
         log.info(
@@ -149,10 +155,16 @@ def check_parity(
             cosine,
             "".join(f", {k} max|diff| {v}" for k, v in extra.items()),
         )
-        if not np.isfinite(cosine) or cosine < MIN_FP32_COSINE:
-            raise ParityError(
-                f"onnxruntime and PyTorch disagree at input {x.shape}: embedding cosine "
-                f"{cosine:.6f} < {MIN_FP32_COSINE}; refusing to write this artifact"
-            )
+        cosines = {"embedding": cosine}
+        if LAYER_TOKENS in out:  # every token of every exported block: what /distance compares
+            d = out[LAYER_TOKENS].shape[-1]
+            flat = out[LAYER_TOKENS].reshape(-1, d), ref[LAYER_TOKENS].reshape(-1, d)
+            cosines["layer token"] = float(row_cosines(*flat).min())
+        for what, value in cosines.items():
+            if not np.isfinite(value) or value < MIN_FP32_COSINE:
+                raise ParityError(
+                    f"onnxruntime and PyTorch disagree at input {x.shape}: {what} cosine "
+                    f"{value:.6f} < {MIN_FP32_COSINE}; refusing to write this artifact"
+                )
         checks.append(check)
     return tuple(checks)
