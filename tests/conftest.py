@@ -67,8 +67,8 @@ def tiny_resnet():
 def tiny_vit_dir(tiny_vit, tmp_path_factory) -> Path:
     """``<store>/tiny-vit``: the tiny ViT exported with an int8 variant; the store holds only it.
 
-    Outputs embedding [B,192], patch_tokens [B,h*w,192], attention [B,3,h*w]; eval transform
-    resize 37, crop 32.
+    Outputs embedding [B,192], patch_tokens [B,h*w,192], attention [B,3,h*w], layer_tokens
+    [B,2,h*w,192] (token_layers 0 and 1); eval transform resize 37, crop 32.
     """
     store = tmp_path_factory.mktemp("vit-models")
     return _export(tiny_vit, "tiny-vit", store, "vit_tiny", TINY_VIT["img_size"], int8=True)
