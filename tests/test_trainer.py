@@ -109,8 +109,9 @@ def test_schedules_are_wired_per_iteration(tmp_path):
             batches = iter(tr.loader)
 
 
-def test_resume_takes_the_same_next_step(tmp_path):
-    cfg = tiny_config(epochs=3)
+@pytest.mark.parametrize("batch_augment", [False, True], ids=["loader-crops", "batch-crops"])
+def test_resume_takes_the_same_next_step(tmp_path, batch_augment):
+    cfg = tiny_config(epochs=3, batch_augment=batch_augment)
     full = _trainer(tmp_path / "full", cfg)
     full.fit()
     first = _trainer(tmp_path / "cut", cfg)
@@ -217,3 +218,15 @@ def test_knn_command_on_a_training_checkpoint(tmp_path):
     assert trained["n_test"] > 0 and 0 <= trained["top1"] <= 100
     assert json.loads((tmp_path / "run" / "knn.json").read_text())["top1"] == trained["top1"]
     assert (tmp_path / "run" / "knn_untrained.json").is_file() and untrained["untrained"]
+
+
+def test_batch_crops_are_the_quickstart_default_and_grey_only(tmp_path):
+    from training.config import config_from_args, preset
+    from training.run import parse_args
+
+    assert preset("quickstart").batch_augment and preset("quickstart").num_workers == 0
+    # Own photos: colour crops per image in a loader worker.
+    own = config_from_args(parse_args(["--preset", "quickstart", "--data", str(tmp_path)]))
+    assert not own.batch_augment and not own.grayscale and own.num_workers == 1
+    with pytest.raises(ValueError, match="--batch-augment false"):
+        tiny_config(batch_augment=True, grayscale=False).validate()

@@ -37,6 +37,7 @@ class TrainConfig:
     data: str | None = None
     fmnist_dir: str | None = None
     grayscale: bool = True
+    batch_augment: bool = False  # grey images only: crops cut per batch on the device
     num_workers: int = 1
     threads: int | None = None  # torch threads per process; None: cores left by the workers
     # model
@@ -132,6 +133,11 @@ class TrainConfig:
             raise ValueError("--warmup-teacher-temp-epochs must lie between 0 and --epochs")
         if self.warmup_epochs > self.epochs:
             raise ValueError("--warmup-epochs cannot exceed --epochs")
+        if self.batch_augment and not self.grayscale:
+            raise ValueError(
+                "--batch-augment is the small-grayscale-image variant; colour data needs "
+                "--batch-augment false (per-image torchvision crops in the loader workers)"
+            )
         if self.arch.startswith("vit"):
             for size in (self.global_size, self.local_size, self.eval_crop):
                 if size % self.patch_size:
@@ -142,6 +148,8 @@ class TrainConfig:
 
 # Short runs: see the module docstring and benchmarks/results/quickstart_tuning.md.
 QUICKSTART: dict = dict(
+    batch_augment=True,
+    num_workers=0,  # in-memory images; every core goes to the model and the batch crops
     patch_size=7,
     local_size=14,
     n_local_crops=2,
@@ -279,6 +287,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     if "data" in overrides and overrides.get("data") and args.preset == "quickstart":
         # Your own images are RGB photos unless said otherwise: colour crops and ImageNet stats.
         overrides.setdefault("grayscale", False)
+        overrides.setdefault("batch_augment", False)
+        overrides.setdefault("num_workers", 1)  # decoding files wants a loader worker
         overrides.setdefault("mean", IMAGENET_MEAN)
         overrides.setdefault("std", IMAGENET_STD)
     return preset(args.preset, **overrides)
