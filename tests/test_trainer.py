@@ -158,9 +158,10 @@ def test_calibration_measures_and_restores_the_state(tmp_path):
 def test_time_budget_compresses_the_schedules(tmp_path, monkeypatch):
     cfg = tiny_config(epochs=10)
     tr = _trainer(tmp_path, cfg, n=64)  # 8 steps per epoch: 80 planned
-    # A fixed step time makes the planning arithmetic exact: 16 s / 0.5 s = 32 steps fit.
-    monkeypatch.setattr(tr, "_calibrate", lambda: (0.5, 0.0))
-    deadline = time.time() + 16 + EXPORT_RESERVE_S
+    # A fixed step time makes the planning arithmetic exact: 160 s / 5 s = 32 steps fit (a
+    # planned step far slower than a real one, so a loaded machine cannot hit the deadline).
+    monkeypatch.setattr(tr, "_calibrate", lambda: (5.0, 0.0))
+    deadline = time.time() + 160 + EXPORT_RESERVE_S
     summary = tr.fit(deadline=deadline)
     assert tr.plan.iters_per_epoch == 8
     assert tr.plan.sched_iters_per_epoch in (2, 3)  # 32 steps over 10 epochs, less elapsed time

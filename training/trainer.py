@@ -1,15 +1,12 @@
 """The DINO training loop: student and EMA teacher, per-iteration schedules, checkpoints, resume.
 
-Schedules are indexed by the global iteration. A time budget shortens them up front: a few timed
-calibration steps (then undone) give seconds per step, and every epoch-denominated length (cosine
-schedules, warm-ups, last-layer freeze, teacher-temperature warm-up) is scaled by the same factor,
-so a shortened run is the same recipe compressed rather than a long recipe cut off.
+Schedules are indexed by the global iteration; a time budget compresses them up front
+(``training.budget``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import logging
 import math
@@ -21,11 +18,12 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
 from training.augment import MultiCropAugmentation, eval_transform
 from training.batch_augment import BatchMultiCrop, GreyTensor, batch_generator
+from training.budget import EXPORT_RESERVE_S, calibrate, plan_for_deadline
 from training.checkpoints import CheckpointError, read_checkpoint, save_atomic
 from training.config import TrainConfig
 from training.distributed import (
@@ -33,7 +31,6 @@ from training.distributed import (
     all_reduce_mean,
     any_rank,
     barrier,
-    broadcast_object,
 )
 from training.head import cancel_last_layer_gradients, get_params_groups
 from training.knn import evaluate_knn, extract_features
@@ -55,8 +52,6 @@ log = logging.getLogger(__name__)
 
 FORMAT_TAG = "dino-feature-service/train-checkpoint/v1"
 CHECKPOINT_NAME = "checkpoint.pth"
-EXPORT_RESERVE_S = 60.0  # time kept for the ONNX export when planning a time budget
-CALIBRATION_STEPS = 6
 
 
 class TrainingDiverged(RuntimeError):
@@ -187,62 +182,11 @@ class Trainer:
 
     def plan_run(self, deadline: float | None) -> Plan:
         """Full schedule, or one compressed so training, k-NN and export end by ``deadline``."""
-        n = len(self.loader)
-        plan = Plan(n, n, self.cfg.epochs)
-        if deadline is None:
-            return plan
-        step_s, knn_s = self._calibrate()
-        self.reserve_s = knn_s + EXPORT_RESERVE_S
-        available = deadline - time.time() - self.reserve_s
-        fit = max(int(available / step_s), self.cfg.epochs)
-        if fit < plan.total_iters:
-            plan = Plan(n, max(fit // self.cfg.epochs, 1), self.cfg.epochs)
-        plan = broadcast_object(plan)
-        log.info(
-            "plan: %.3f s/step, k-NN ~%.0f s; %d steps (%.2f passes over the data, schedules x%.3f)"
-            ", training ends in ~%.1f min",
-            step_s,
-            knn_s,
-            plan.total_iters,
-            plan.total_iters / n,
-            plan.scale,
-            plan.total_iters * step_s / 60,
-        )
-        return plan
+        return plan_for_deadline(self, deadline)
 
     def _calibrate(self) -> tuple[float, float]:
         """Seconds per training step and an estimate of the k-NN time; all state is restored."""
-        saved = copy.deepcopy(
-            (self.student_plain.state_dict(), self.teacher.state_dict(),
-             self.optimizer.state_dict(), self.loss.state_dict(), rng_state())
-        )  # fmt: skip
-        self.build_schedules(Plan(len(self.loader), len(self.loader), self.cfg.epochs))
-        times = []
-        batches = iter(self.loader)
-        t = time.perf_counter()
-        for _ in range(min(CALIBRATION_STEPS, len(self.loader))):
-            self._step(next(batches)[0])
-            times.append(time.perf_counter() - t)
-            t = time.perf_counter()
-        del batches
-        self.iteration = 0
-        step_s = float(np.median(times[2:] if len(times) > 3 else times))
-        knn_s = 0.0
-        if self.knn_sets and self.dist.is_main:
-            probe = Subset(
-                self.knn_sets[0], range(min(2 * self.cfg.knn_batch_size, len(self.knn_sets[0])))
-            )
-            t = time.perf_counter()
-            self._extract(probe)
-            per_image = (time.perf_counter() - t) / len(probe)
-            knn_s = 1.2 * per_image * sum(len(s) for s in self.knn_sets) + 5.0
-        self.student_plain.load_state_dict(saved[0])
-        self.teacher.load_state_dict(saved[1])
-        self.optimizer.load_state_dict(saved[2])
-        self.loss.load_state_dict(saved[3])
-        set_rng_state(saved[4])
-        self.plan = None
-        return step_s, float(broadcast_object(knn_s))
+        return calibrate(self)
 
     # ------------------------------------------------------------ one step
 
