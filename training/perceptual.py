@@ -7,7 +7,8 @@ right. ``FeaturePredictionLoss`` wraps any backbone of ``build_backbone`` (rando
 
 Per layer, each patch token (ViT) or feature-map position (ResNet stage) is L2-normalised across
 its channels, as LPIPS does, and the layer term is the mean over positions of ``1 - cos``; the
-served ``/distance`` reports the same quantity for the last layer.
+served ``/distance`` reports the same quantity over the same default layers (the artifact's
+``layer_tokens`` output).
 """
 
 from __future__ import annotations
