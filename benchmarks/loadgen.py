@@ -3,11 +3,14 @@
     python -m benchmarks.loadgen http://127.0.0.1:8000 --clients 8 --seconds 10 --pid 1234
 
 Each client sends one request at a time (POST /embed with a small generated JPEG by default) and
-waits for its answer. The report (printed as JSON, optionally written to a file) gives requests,
-status counts, latency percentiles (all answers and admitted 2xx answers, overall and per third of
-the run, to see whether admitted latency grows), 503s that lack ``Retry-After``, and the server's
-RSS before and after when its pid is given. Bounded: at most ``MAX_CLIENTS`` clients and
-``MAX_SECONDS`` seconds, and only loopback addresses, so it cannot be turned on someone else.
+waits for its answer, on its own keep-alive connection. Requests are encoded once and sent as bytes
+(``benchmarks.httpclient``): the generator shares the CPU with the server, so its own cost is kept
+small and reported (``client_cpu_ms_per_request``). The report (printed as JSON, optionally written
+to a file) gives requests, status counts, latency percentiles (all answers and admitted 2xx
+answers, overall and per third of the run, to see whether admitted latency grows), 503s that lack
+``Retry-After``, and the server's RSS before and after when its pid is given. Bounded: at most
+``MAX_CLIENTS`` clients and ``MAX_SECONDS`` seconds, and only loopback addresses, so it cannot be
+turned on someone else.
 """
 
 from __future__ import annotations
@@ -20,13 +23,15 @@ import json
 import logging
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
-import httpx
 import numpy as np
 from PIL import Image
+
+from benchmarks.httpclient import Connection, HttpError, encode_request, multipart
 
 log = logging.getLogger(__name__)
 
@@ -97,19 +102,61 @@ class LoadReport:
     rss_before: int | None = None
     rss_after: int | None = None
     rss_max: int | None = None
+    client_cpu_ms_per_request: float | None = None  # this generator's own CPU per request
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def _request(endpoint: str, blob: bytes, i: int) -> dict:
-    if endpoint == "embed":
-        return {"method": "POST", "url": "/embed", "files": {"images": ("load.jpg", blob)}}
-    if endpoint == "similar":
-        return {"method": "POST", "url": "/similar", "files": {"image": ("q.jpg", blob)}}
-    if endpoint == "items":
-        return {"method": "POST", "url": "/items", "files": {"images": (f"{i}.jpg", blob)}}
-    return {"method": "GET", "url": "/healthz"}
+def _request(endpoint: str, host: str, blob: bytes, i: int, headers: dict[str, str]) -> bytes:
+    if endpoint == "healthz":
+        return encode_request("GET", "/healthz", host, headers=headers)
+    field, name = {"embed": ("images", "load.jpg"), "similar": ("image", "q.jpg")}.get(
+        endpoint, ("images", f"{i}.jpg")
+    )
+    body, ctype = multipart([(field, name, blob)])
+    return encode_request("POST", f"/{endpoint}", host, body, ctype, headers)
+
+
+# (start in s from the run's start, status or exception name, latency in s, has Retry-After)
+Sample = tuple[float, int | str, float, bool]
+
+
+async def closed_loop(
+    url: str,
+    clients: int,
+    seconds: float,
+    request_for: Callable[[int], bytes],
+    timeout: float = 60.0,
+) -> tuple[list[Sample], float]:
+    """``clients`` connections, each sending ``request_for(i)`` (i counts requests across them)
+    and waiting for the answer, until ``seconds`` have passed. Returns the samples and the CPU
+    seconds this process spent meanwhile (the client's share of a machine it may share)."""
+    parsed = urlparse(url)
+    host, port = parsed.hostname or "127.0.0.1", parsed.port or 80
+    samples: list[Sample] = []
+    counter = iter(range(10**9))
+    cpu0, started = time.process_time(), time.perf_counter()
+    deadline = started + seconds
+
+    async def client_loop() -> None:
+        conn = Connection(host, port, timeout)
+        try:
+            while time.perf_counter() < deadline:
+                raw = request_for(next(counter))
+                t0 = time.perf_counter()
+                try:
+                    answer = await conn.request(raw)
+                    status: int | str = answer.status
+                    retry = "retry-after" in answer.headers
+                except (HttpError, TimeoutError, OSError) as exc:
+                    status, retry = type(exc).__name__, False
+                samples.append((t0 - started, status, time.perf_counter() - t0, retry))
+        finally:
+            conn.close()
+
+    await asyncio.gather(*(client_loop() for _ in range(clients)))
+    return samples, time.process_time() - cpu0
 
 
 async def run_load(
@@ -131,44 +178,35 @@ async def run_load(
         raise ValueError(f"endpoint must be one of {ENDPOINTS}, got {endpoint!r}")
     report = LoadReport(url, endpoint, clients, seconds)
     blobs = [sample_jpeg(i) for i in range(8)]
-    samples: list[tuple[float, int | str, float, bool]] = []  # start, status, latency, retry
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    host = urlparse(url).netloc
+    # Encoded once; /items names each file after its request (the stored source).
+    fixed = [_request(endpoint, host, blob, 0, headers) for blob in blobs]
+
+    def request_for(i: int) -> bytes:
+        if endpoint == "items":
+            return _request(endpoint, host, blobs[i % len(blobs)], i, headers)
+        return fixed[i % len(fixed)]
+
     rss: list[int] = []
     if pid:
         report.rss_before = rss_bytes(pid)
-    started = time.perf_counter()
-    deadline = started + seconds
-    counter = iter(range(10**9))
 
-    async def client_loop(client: httpx.AsyncClient) -> None:
-        while time.perf_counter() < deadline:
-            i = next(counter)
-            t0 = time.perf_counter()
-            try:
-                answer = await client.request(**_request(endpoint, blobs[i % len(blobs)], i))
-                status: int | str = answer.status_code
-                retry = "retry-after" in answer.headers
-            except httpx.HTTPError as exc:
-                status, retry = type(exc).__name__, False
-            samples.append((t0 - started, status, time.perf_counter() - t0, retry))
-
-    async def watch_rss() -> None:
-        while time.perf_counter() < deadline:
+    async def watch_rss(until: float) -> None:
+        while time.perf_counter() < until:
             rss.append(rss_bytes(pid))
             await asyncio.sleep(0.25)
 
-    async with httpx.AsyncClient(
-        base_url=url, timeout=timeout, limits=limits, headers=headers
-    ) as client:
-        tasks = [client_loop(client) for _ in range(clients)]
-        if pid:
-            tasks.append(watch_rss())
-        await asyncio.gather(*tasks)
+    load = closed_loop(url, clients, seconds, request_for, timeout)
+    if pid:
+        (samples, cpu), _ = await asyncio.gather(load, watch_rss(time.perf_counter() + seconds))
+    else:
+        samples, cpu = await load
     if pid:
         report.rss_after = rss_bytes(pid)
         report.rss_max = max(rss + [report.rss_after])
     _summarise(report, samples, seconds)
+    report.client_cpu_ms_per_request = round(1000 * cpu / max(1, report.requests), 3)
     return report
 
 
@@ -200,7 +238,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", type=Path, help="also write the report here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
     try:
         report = asyncio.run(
             run_load(

@@ -34,6 +34,7 @@ def test_below_capacity_every_request_succeeds(tiny_vit_dir, tmp_path):
     assert report["requests"] > 10, report
     assert report["status"] == {"200": report["requests"]}, report["status"]
     assert report["errors"] == 0
+    assert 0 < report["client_cpu_ms_per_request"] < 50  # the generator's own cost, reported
     record(
         "load_below_capacity",
         {k: report[k] for k in ("clients", "seconds", "requests", "status", "latency_ok")},
