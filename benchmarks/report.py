@@ -64,11 +64,13 @@ def _http(http: dict) -> list[str]:
         lines.append(
             f"### engine `{server['engine']}`, {server['model']}: cold start "
             f"{_fmt(server['cold_start_s'])} s, raw engine best {_fmt(server['raw_best_img_s'])} "
-            f"img/s (batch {server['raw_best_batch']})"
+            f"img/s (batch {server['raw_best_batch']}, {server.get('raw_best_streams', 1)} "
+            "stream(s)); client_cpu_ms: the load generator's own CPU per request, on the same cores"
         )
         lines.append("")
         cols = ["endpoint", "concurrency", "req_s", "img_s", "p50_ms", "p95_ms", "p99_ms"]
-        lines += table(server["load"], [*cols, "x_raw_engine", "x_torch_fp32", "errors"])
+        cols += ["x_raw_engine", "x_torch_fp32", "client_cpu_ms", "errors"]
+        lines += table(server["load"], cols)
         lines.append("")
     return lines
 

@@ -1,10 +1,12 @@
 """An asyncio micro-batcher in front of the engine.
 
-Requests enqueue one job per image and await their futures. One worker task takes the oldest job,
+Requests enqueue one job per image and await their futures. A dispatcher task takes the oldest job,
 waits up to ``wait_ms`` (from that job's arrival) for up to ``max_batch`` jobs of the same input
 shape and outputs, runs them as one call in a dedicated thread (the event loop stays free), and
-hands each job its own rows. The queue is bounded in images: a request that would overflow it is
-refused at once with ``Overloaded`` (503 + Retry-After) instead of growing memory.
+hands each job its own rows. An engine with ``parallel_calls`` > 1 (OpenVINO with several streams)
+gets that many batches in flight at once, each in its own thread; otherwise one at a time. The
+queue is bounded in images: a request that would overflow it is refused at once with
+``Overloaded`` (503 + Retry-After) instead of growing memory.
 """
 
 from __future__ import annotations
@@ -63,8 +65,14 @@ class MicroBatcher:
         self.retry_after = retry_after
         self._queue: deque[_Job] = deque()
         self._wakeup = asyncio.Event()
-        # One thread: the session already uses every intra-op thread; two calls would fight.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+        # One thread per call the engine can run at once: an onnxruntime session already uses
+        # every intra-op thread (two calls would fight); OpenVINO streams split the cores.
+        self.parallel = max(1, int(getattr(engine, "parallel_calls", 1)))
+        self._executor = ThreadPoolExecutor(
+            max_workers=self.parallel, thread_name_prefix="inference"
+        )
+        self._slots = asyncio.Semaphore(self.parallel)
+        self._running: set[asyncio.Task] = set()
         self._task: asyncio.Task | None = None
 
     @property
@@ -76,10 +84,11 @@ class MicroBatcher:
         self._task = asyncio.get_running_loop().create_task(self._work(), name="micro-batcher")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        for task in [self._task, *self._running]:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         _fail(list(self._queue), RuntimeError("server is shutting down"))
         self._queue.clear()
         self._executor.shutdown(wait=True)
@@ -111,6 +120,18 @@ class MicroBatcher:
     async def _work(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
+            await self._slots.acquire()  # a free engine slot first: the batch forms meanwhile
+            try:
+                batch = await self._next_batch(loop)
+            except BaseException:
+                self._slots.release()
+                raise
+            task = loop.create_task(self._run(batch))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    async def _next_batch(self, loop: asyncio.AbstractEventLoop) -> list[_Job]:
+        while True:
             while not self._queue:
                 self._wakeup.clear()
                 await self._wakeup.wait()
@@ -126,16 +147,20 @@ class MicroBatcher:
                 except TimeoutError:
                     break
             batch = self._take(first.key)
-            if not batch:
-                continue
-            try:
-                await self._execute(batch)
-            except asyncio.CancelledError:  # stop() while this batch was in the engine
-                _fail(batch, RuntimeError("server is shutting down"))
-                raise
-            except Exception as exc:  # never let one bad batch stop the worker for everyone
-                log.exception("batch of %d failed", len(batch))
-                _fail(batch, exc)
+            if batch:
+                return batch
+
+    async def _run(self, batch: list[_Job]) -> None:
+        try:
+            await self._execute(batch)
+        except asyncio.CancelledError:  # stop() while this batch was in the engine
+            _fail(batch, RuntimeError("server is shutting down"))
+            raise
+        except Exception as exc:  # never let one bad batch stop the worker for everyone
+            log.exception("batch of %d failed", len(batch))
+            _fail(batch, exc)
+        finally:
+            self._slots.release()
 
     def _matching(self, key: tuple) -> int:
         return sum(1 for job in self._queue if job.key == key)

@@ -72,6 +72,7 @@ class Runtime:
             s.threads,
             s.engine,
             s.precision,
+            s.engine_streams,
         )
         await anyio.to_thread.run_sync(self._check_index_model)
         self.batcher = MicroBatcher(

@@ -153,3 +153,70 @@ def test_impossible_engine_settings_stop_the_server(tiny_vit_dir, tmp_path):
 
     with pytest.raises(SettingsError, match="needs DINO_ENGINE=openvino"):
         anyio.run(start)
+
+
+def test_streams_setting_maps_to_openvino_streams():
+    from service.engines import openvino_streams
+    from service.settings import SettingsError
+
+    assert [openvino_streams(0, t) for t in (1, 2, 4, 8, 16, 32)] == [1, 2, 2, 2, 4, 8]
+    assert openvino_streams(1, 2) == 1 and openvino_streams(3, 2) == 2  # at most one per thread
+    with pytest.raises(SettingsError, match="DINO_ENGINE_STREAMS"):
+        openvino_streams(-1, 2)
+
+
+def test_openvino_streams_run_calls_side_by_side(tiny_vit_dir, photo_pixels, reference):
+    """Two streams: two callers are inside the engine at once (a barrier both must reach proves
+    it) and each gets its own rows, the same as one stream computes."""
+    import threading
+
+    one = OpenVinoEngine(tiny_vit_dir / MODEL_FILE, 2, INPUT_NAME, "fp32")
+    two = OpenVinoEngine(tiny_vit_dir / MODEL_FILE, 2, INPUT_NAME, "fp32", streams=2)
+    assert (one.parallel_calls, two.parallel_calls) == (1, 2)
+    assert two.compiled.get_property("NUM_STREAMS") == 2
+    halves = [photo_pixels[:4], photo_pixels[4:]]
+    barrier = threading.Barrier(2, timeout=30)
+    results: dict[int, np.ndarray] = {}
+
+    def call(i: int) -> None:
+        barrier.wait()
+        for _ in range(5):
+            results[i] = two.run(halves[i], ("embedding",))["embedding"]
+
+    callers = [threading.Thread(target=call, args=(i,)) for i in range(2)]
+    for t in callers:
+        t.start()
+    for t in callers:
+        t.join()
+    for i, half in enumerate(halves):
+        expected = one.run(half, ("embedding",))["embedding"]
+        assert np.allclose(results[i], expected, atol=1e-5)
+        assert cosines(results[i], reference["embedding"][4 * i : 4 * i + 4]).min() > 0.99999
+    with pytest.raises(ValueError, match="streams must be >= 1"):
+        OpenVinoEngine(tiny_vit_dir / MODEL_FILE, 2, INPUT_NAME, "fp32", streams=0)
+
+
+def test_engine_streams_setting_reaches_the_server(tiny_vit_dir, tmp_path):
+    """DINO_ENGINE_STREAMS (0 = auto) sets the engine's streams and the batcher's parallel calls;
+    /embed answers the same rows either way."""
+    import anyio
+    from service_helpers import photo_bytes, serve, settings_for
+
+    blobs = [photo_bytes(i) for i in range(5)]
+
+    async def embed(streams: int) -> tuple[int, int, np.ndarray]:
+        settings = settings_for(
+            tiny_vit_dir, tmp_path / f"data{streams}", engine="openvino", precision="fp32",
+            threads=2, engine_streams=streams,
+        )  # fmt: skip
+        async with serve(settings) as client:
+            rt = client._transport.app.state.runtime
+            files = [("images", (f"{i}.jpg", b, "image/jpeg")) for i, b in enumerate(blobs)]
+            resp = await client.post("/embed", files=files)
+            assert resp.status_code == 200, resp.text
+            rows = np.array(resp.json()["embeddings"], np.float32)
+            return rt.engine.parallel_calls, rt.batcher.parallel, rows
+
+    auto, one = anyio.run(embed, 0), anyio.run(embed, 1)
+    assert auto[:2] == (2, 2) and one[:2] == (1, 1)
+    assert np.allclose(auto[2], one[2], atol=1e-5)

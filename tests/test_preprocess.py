@@ -65,3 +65,15 @@ def test_attention_size_keeps_aspect_and_never_upscales_big_images():
     assert attention_size(1000, 500, 448, 16) == (448, 224)
     assert attention_size(200, 100, 448, 16) == (200, 100)  # already small: kept
     assert attention_size(4, 4, 448, 16) == (16, 16)  # below one patch: grown to one
+
+
+def test_normalise_is_the_plain_formula_bit_for_bit(manifest):
+    """The in-place normalisation computes exactly ``(x / 255 - mean) / std`` in float32."""
+    from service.preprocess import normalise
+
+    for img in (photo("chelsea"), photo("coffee").resize((224, 224)), photo("camera", 50)):
+        arr = np.asarray(img, dtype=np.float32) / np.float32(255.0)
+        arr = (arr - np.asarray(manifest.mean, np.float32)) / np.asarray(manifest.std, np.float32)
+        ours = normalise(img, manifest.mean, manifest.std)
+        assert ours.flags.c_contiguous and ours.dtype == np.float32
+        assert np.array_equal(ours, arr.transpose(2, 0, 1))
