@@ -61,10 +61,14 @@ def _latency(search, queries: np.ndarray) -> tuple[list[list[int]], list[float]]
     return found, seconds
 
 
+def _ivf_label(ann, in_effect: dict) -> str:
+    if ann.params.index_type != "ivf":
+        return ""
+    return f"nlist={in_effect['nlist']} " if ann.is_ivf else "untrained (flat) "
+
+
 def _index_rows(n: int, base: np.ndarray, queries: np.ndarray, truth, threads: int, mode: Mode):
     import faiss
-
-    from service.index.ann import DEFAULTS
 
     rows = []
     for index_type in ("flat", "hnsw", "ivf"):
@@ -73,18 +77,19 @@ def _index_rows(n: int, base: np.ndarray, queries: np.ndarray, truth, threads: i
         ann, build_s = _build(index_type, base, threads)
         per_vector = len(faiss.serialize_index(ann.index)) / n
         knob, values = SWEEP.get(index_type, (None, (None,)))
+        in_effect = ann.in_effect()  # the server's defaults (IVF: lists and probes chosen for n)
         # Flat is exact and scans everything: a few queries are enough to time it at 1M.
         qs = queries[:100] if index_type == "flat" and n >= 1_000_000 else queries
         for value in values:
             if knob:
                 _set_knob(ann, index_type, value)
             found, secs = _latency(lambda q, a=ann: [r for r, _ in a.search(q, K)[0]], qs)
-            default = knob is None or value == DEFAULTS[knob]
+            default = knob is None or value == in_effect[knob]
             rows.append(
                 {
                     "n": n,
                     "index": index_type + (" (default)" if default else ""),
-                    "params": f"{knob}={value}" if knob else "exact",
+                    "params": _ivf_label(ann, in_effect) + (f"{knob}={value}" if knob else "exact"),
                     "build_s": round(build_s, 1),
                     "recall_at_10": recall_at_k(found, truth[: len(qs)]),
                     **percentiles(secs),

@@ -170,6 +170,10 @@ class IndexStore:
             log.info(
                 "replayed %d adds and %d deletes after snapshot seq %d", added, len(stale), seq
             )
+            if ann.outgrown():  # automatic IVF lists chosen for far fewer vectors: retrain now
+                log.info("IVF index outgrew its %d lists; rebuilding", ann.index.nlist)
+                store._rebuild(progress)
+                store._pending = db.count()
         log.info(
             "index %s: %d items (%s, model %s) ready in %.2f s",
             data_dir, len(store), params.index_type, meta["model_sha256"][:12],
@@ -317,7 +321,7 @@ class IndexStore:
                 "pending_since_snapshot": self._pending,
                 "tombstones": len(ann.tombstones),
                 "trained": ann.is_ivf if ann.params.index_type == "ivf" else None,
-                "params": ann.params.in_effect(),
+                "params": ann.in_effect(),
             }
 
     # ---- snapshots and shutdown ---------------------------------------------------------------
