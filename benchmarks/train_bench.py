@@ -1,9 +1,10 @@
 """Training section: images/s of one DINO step (student forward + backward over all crops,
 teacher forward, EMA) for the quickstart and vit_small recipes, fp32 vs bf16 autocast, using the
 project's Trainer on one pre-made batch. The quickstart cuts its crops from that batch inside the
-step (batch augmentation, as in real training), so they are included; vit_small's per-image crops
-run in loader workers in real training and are excluded. vit_small runs at a small batch: its recipe's 256
-would take minutes per step on a few cores; per-image cost barely depends on batch size here."""
+step (batch augmentation, as in real training), so they are included; vit_small's per-image
+crops run in loader workers in real training and are excluded. vit_small runs at a small batch:
+its recipe's 256 would take minutes per step on a few cores; per-image cost barely depends on
+batch size here."""
 
 from __future__ import annotations
 
