@@ -86,7 +86,7 @@ def _search(search: dict) -> list[str]:
 
 
 def _train(train: dict) -> list[str]:
-    lines = ["## Training step throughput (model compute; data loading excluded)", ""]
+    lines = ["## Training step throughput (one pre-made batch; file loading excluded)", ""]
     cols = ["recipe", "precision", "batch", "img_s", "x_fp32"]
     return lines + table(train["rows"], cols)
 
