@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from training.augment import MultiCropAugmentation, eval_transform
 from training.batch_augment import BatchMultiCrop, GreyTensor, batch_generator
-from training.budget import EXPORT_RESERVE_S, calibrate, plan_for_deadline
+from training.budget import calibrate, export_reserve_s, plan_for_deadline
 from training.checkpoints import CheckpointError, read_checkpoint, save_atomic
 from training.config import TrainConfig
 from training.distributed import (
@@ -162,7 +162,8 @@ class Trainer:
         self.plan: Plan | None = None
         self.history: list[dict] = []
         self.metrics = MetricsLog(self.run_dir)
-        self.reserve_s = EXPORT_RESERVE_S  # time kept after training; planning adds the k-NN
+        # Time kept after training for the export; planning adds the k-NN.
+        self.reserve_s = export_reserve_s(teacher.backbone)
 
     # ------------------------------------------------------------ schedules and planning
 
