@@ -59,47 +59,24 @@ def run(cmd: list[str], log: Path, timeout: float = 240) -> subprocess.Completed
         return subprocess.run(cmd, cwd=ROOT, stdout=out, stderr=out, timeout=timeout)
 
 
-# The checks below run in a child interpreter: this test's own process has by now loaded
-# torch, onnxruntime, OpenVINO and FAISS thread pools from earlier tests, and twice in ~10 full
-# runs it died of a SIGSEGV here with no Python frame to show; a fresh process checks the same
-# files without that shared state.
-_CHECK = """
-import sys
-import numpy as np
-import onnxruntime as ort
-from service.manifest import load_manifest
-from training.checkpoints import read_checkpoint
+def check_servable(model_dir: Path) -> None:
+    """The exported artifact loads and runs as the server would run it."""
+    import onnxruntime as ort
 
-checkpoint, model_dir = sys.argv[1], sys.argv[2]
-print(read_checkpoint(checkpoint)["epoch"])
-if model_dir:
+    from service.manifest import load_manifest
+
     manifest = load_manifest(model_dir)
-    session = ort.InferenceSession(model_dir + "/model.onnx")
+    session = ort.InferenceSession(str(model_dir / "model.onnx"))
     pixels = np.random.default_rng(0).normal(size=(2, 3, 16, 16)).astype(np.float32)
     (embedding,) = session.run(["embedding"], {"pixel_values": pixels})
     assert embedding.shape == (2, manifest.embed_dim) and np.isfinite(embedding).all()
-    print("servable")
-"""
-
-
-def checked_epoch(checkpoint: Path, model_dir: Path | None = None) -> int:
-    """The epoch the checkpoint records (it must load); with ``model_dir``, also that the
-    exported artifact loads and runs as the server would run it."""
-    done = subprocess.run(
-        [sys.executable, "-c", _CHECK, str(checkpoint), str(model_dir or "")],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    lines = done.stdout.split()
-    assert model_dir is None or lines[-1] == "servable", done.stdout
-    return int(lines[0])
 
 
 @pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_gives_a_valid_run(tmp_path):
+    from training.checkpoints import read_checkpoint
+    from training.trainer import CHECKPOINT_NAME
+
     data = digits_folder(tmp_path / "images", 240)  # 30 steps an epoch: ~2 s to land inside
     out, models, log = tmp_path / "run", tmp_path / "models", tmp_path / "train.log"
     epochs = 3
@@ -110,7 +87,7 @@ def test_sigkill_mid_epoch_then_resume_gives_a_valid_run(tmp_path):
         stdout=open(log, "w"),  # noqa: SIM115 - the child owns it
         stderr=subprocess.STDOUT,
     )
-    checkpoint = out / "checkpoint.pth"
+    checkpoint = out / CHECKPOINT_NAME
     deadline = time.monotonic() + 180
     while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -119,17 +96,18 @@ def test_sigkill_mid_epoch_then_resume_gives_a_valid_run(tmp_path):
     assert proc.poll() is None, "training ended before it could be killed"
     proc.send_signal(signal.SIGKILL)
     assert proc.wait(30) == -signal.SIGKILL
-    killed_at = checked_epoch(checkpoint)  # what the kill left on disk still loads
+    killed_at = read_checkpoint(checkpoint)["epoch"]  # what the kill left on disk still loads
     assert 1 <= killed_at < epochs
     assert not (out / "summary.json").exists() and not models.exists()
 
     resumed = run(resume_cmd(out, models), log)  # as documented: only --out and --resume
     text = log.read_text()
     assert resumed.returncode == 0, text[-3000:]
+    assert read_checkpoint(checkpoint)["epoch"] == epochs
     summary = json.loads((out / "summary.json").read_text())
     model_dir = Path(summary["export"])
     assert model_dir.parent == models
-    assert checked_epoch(checkpoint, model_dir) == epochs
+    check_servable(model_dir)
     record(
         "training_kill_resume",
         {"epochs": epochs, "killed_after_epoch": killed_at, "resumed": True, "exported": True},

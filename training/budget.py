@@ -36,8 +36,8 @@ STEP_MARGIN = 1.03
 
 def export_reserve_s(model: torch.nn.Module) -> float:
     """Seconds kept for export and parity checks: 15 s plus 1.5 s per million parameters
-    (the quickstart's 2.6 M-parameter ViT exports and checks in under 1 s; ViT-S/16 and int8
-    variants take tens of seconds on 2 cores)."""
+    (the quickstart's 2.6 M-parameter ViT exports and checks in under 1 s; the time grows with
+    the model, and the int8 variant adds a quantisation pass)."""
     params = sum(p.numel() for p in model.parameters())
     return 15.0 + 1.5 * params / 1e6
 
