@@ -28,11 +28,7 @@ serve: install
 
 test: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
-	$(PY) -m pytest --ignore=tests/test_training_robustness.py
-	@# The kill-and-resume tests get a fresh process: inside the full suite's (thread pools of torch,
-	@# onnxruntime, OpenVINO and FAISS from ~370 earlier tests) it died of SIGSEGV there, with no
-	@# Python frame, in 2 CI runs and 1 of 7 local runs; root cause not found.
-	$(PY) -m pytest tests/test_training_robustness.py
+	$(PY) -m pytest
 
 bench: install
 	$(PY) -m benchmarks $(BENCH_ARGS)

@@ -12,6 +12,7 @@ Same small interface as ``service.engine.OrtEngine``: ``input_name``, ``output_n
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 from pathlib import Path
@@ -36,12 +37,22 @@ def openvino_available() -> bool:
 
 def cpu_supports_bf16() -> bool:
     """Whether OpenVINO's CPU plugin reports native bf16 (AVX-512-BF16 or AMX) on this CPU."""
-    import openvino as ov
-
-    return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    return "BF16" in shared_core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
 
-def _import_openvino():
+@functools.cache
+def shared_core():
+    """The process's one ``openvino.Core``, created on first use and never released.
+
+    Why one, kept for good: each Core's CPU plugin installs an alternate signal stack (mmap) on the
+    thread that first uses it and unmaps it when the plugin is destroyed, restoring the previous
+    stack only if that thread is the one destroying it and only in LIFO order. A Core dropped on
+    another thread, or two Cores dropped out of order, leave that thread's alternate stack pointing
+    at unmapped memory, and the next Python-handled signal there (SIGTERM from uvicorn's handler,
+    SIGCHLD from PyTorch's DataLoader) kills the process with SIGSEGV (openvino 2026.4,
+    reproduced in tests/test_engines.py). A single Core that lives as long as the process
+    never unmaps its stack. Compiled models share it; that is what OpenVINO recommends anyway.
+    """
     try:
         import openvino as ov
     except ImportError as exc:
@@ -49,7 +60,7 @@ def _import_openvino():
             "DINO_ENGINE=openvino needs the openvino package: pip install '.[fast]' "
             "(or set DINO_ENGINE=onnxruntime)"
         ) from exc
-    return ov
+    return ov.Core()
 
 
 class OpenVinoEngine:
@@ -71,8 +82,7 @@ class OpenVinoEngine:
         if streams < 1:
             raise ValueError(f"OpenVINO streams must be >= 1, got {streams}")
         streams = min(streams, max(1, int(threads)))  # a stream needs a thread of its own
-        ov = _import_openvino()
-        core = ov.Core()
+        core = shared_core()
         if precision == "bf16" and "BF16" not in core.get_property(
             "CPU", "OPTIMIZATION_CAPABILITIES"
         ):
