@@ -32,7 +32,15 @@ def engine_setting_exists() -> bool:
 class Server:
     """A live server; ``cold_start_s`` is process start to the first /readyz 200."""
 
-    def __init__(self, store: Path, model: str, data_dir: Path, threads: int, **env: str) -> None:
+    def __init__(
+        self,
+        store: Path,
+        model: str,
+        data_dir: Path,
+        threads: int,
+        command: list[str] | None = None,
+        **env: str,
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = data_dir.parent / f"server-{self.port}.log"
@@ -49,7 +57,7 @@ class Server:
         started = time.perf_counter()
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "service"],
+            command or [sys.executable, "-m", "service"],
             env=full_env,
             stdout=self._log,
             stderr=subprocess.STDOUT,

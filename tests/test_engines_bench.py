@@ -71,3 +71,17 @@ def test_http_and_train_sections(tmp_path):
     assert any(r["endpoint"] == "/attention" and r["errors"] == 0 for r in server["load"])
     recipes = {(r["recipe"], r["precision"]) for r in result["train"]["rows"]}
     assert {("quickstart", "fp32"), ("vit_small", "fp32")} <= recipes
+
+
+@pytest.mark.slow
+def test_server_variants_measure_every_variant(tmp_path):
+    pytest.importorskip("openvino")
+    env = {**os.environ, "DINO_BENCH_CACHE": str(tmp_path / "cache")}
+    out = tmp_path / "variants.json"
+    cmd = [sys.executable, "-m", "benchmarks.server_variants", "--smoke", "--seconds", "0.5"]
+    cmd += ["--rounds", "1", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rates = json.loads(out.read_text())["img_s"]
+    assert set(rates) == {f"{v} c={c}" for v in ("default", "h11", "unpinned") for c in (1, 32)}
+    assert all(r[0] > 0 for r in rates.values()), rates
