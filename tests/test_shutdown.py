@@ -68,7 +68,9 @@ def test_sigterm_drains_requests_refuses_new_ones_and_flushes_the_index(tiny_vit
             try:
                 late = httpx.get(f"{server.url}/healthz", timeout=2)
                 refused.append(late.status_code)
-            except httpx.ConnectError:
+            except (httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError):
+                # Not accepted, or accepted into the backlog as the listener closed and then
+                # reset (seen under load): either way the server did not take the request.
                 refused.append("refused")
             time.sleep(0.1)
         code = server.proc.wait(30)
