@@ -50,8 +50,8 @@ def shared_core():
     another thread, or two Cores dropped out of order, leave that thread's alternate stack pointing
     at unmapped memory, and the next Python-handled signal there (SIGTERM from uvicorn's handler,
     SIGCHLD from PyTorch's DataLoader) kills the process with SIGSEGV (openvino 2026.4,
-    reproduced in tests/test_engines.py). A single Core that lives as long as the process
-    never unmaps its stack. Compiled models share it; that is what OpenVINO recommends anyway.
+    replayed in tests/test_openvino_signals.py). A single Core that lives as long as the process
+    never unmaps its stack; every compiled model comes from it.
     """
     try:
         import openvino as ov

@@ -69,7 +69,7 @@ def test_engines_released_across_threads_and_out_of_order_leave_signals_working(
 
 
 def test_the_scenario_is_the_one_that_crashes_with_a_core_per_engine():
-    """The same releases with plain Cores: shows the test above guards a real hazard."""
+    """Releases like the ones above with plain Cores crash: the test above guards a real hazard."""
     child = run_child("""
         import threading, openvino as ov
         cores = [ov.Core(), ov.Core()]
