@@ -37,7 +37,7 @@ ENGINES = [
 RAW_BATCHES = (1, 8, 16)  # 8: the server's default DINO_MAX_BATCH; 16 in case it is faster
 
 
-async def _load(
+async def measure_load(
     base: str, path: str, bodies: list[bytes], concurrency: int, seconds: float, field: str
 ) -> dict:
     """Closed-loop clients posting one image each, cycling through ``bodies``; throughput counts
@@ -155,15 +155,15 @@ def run(mode: Mode, threads: int, so_far: dict) -> dict:
                 raise RuntimeError(f"server engine is not {label}; see {server.log_path}")
             rows = []
             for c in mode.concurrency:
-                r = asyncio.run(_load(server.url, "/embed", bodies, c, mode.http_seconds, "images"))
+                load = measure_load(server.url, "/embed", bodies, c, mode.http_seconds, "images")
+                r = asyncio.run(load)
                 r.update(endpoint="/embed", concurrency=c, img_s=r["req_s"])
                 r["x_raw_engine"] = r["img_s"] / raw_img_s
                 r["x_torch_fp32"] = r["img_s"] / torch_best if torch_best else None
                 log.info("/embed c=%d: %.1f img/s (%.2f of raw)", c, r["img_s"], r["x_raw_engine"])
                 rows.append(r)
-            att = asyncio.run(
-                _load(server.url, "/attention", [bodies[0]], 1, mode.http_seconds / 2, "image")
-            )
+            half = mode.http_seconds / 2
+            att = asyncio.run(measure_load(server.url, "/attention", bodies[:1], 1, half, "image"))
             rows.append({**att, "endpoint": "/attention", "concurrency": 1, "img_s": att["req_s"]})
             out["servers"].append(
                 {

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from benchmarks.artifacts import model_dir, spec_for
 from benchmarks.common import MODES
-from benchmarks.http_bench import _load
+from benchmarks.http_bench import measure_load
 from benchmarks.photos import jpeg_bytes, real_photos
 from benchmarks.server import Server
 
@@ -54,15 +54,15 @@ def main(argv: list[str] | None = None) -> dict:
     bodies = jpeg_bytes(real_photos()[0])
     threads = len(os.sched_getaffinity(0))
     rates: dict[str, list[float]] = {}
+    env = {"engine": "openvino", "precision": "bf16"}
     with tempfile.TemporaryDirectory(prefix="bench-variants-") as tmp:
         for round_ in range(args.rounds):
             for variant in args.variants.split(","):
                 data = Path(tmp) / f"{variant}-{round_}" / "data"
-                env = {"engine": "openvino", "precision": "bf16"}
                 command = [sys.executable, "-c", PRELUDES[variant] + LAUNCH]
                 with Server(folder.parent, folder.name, data, threads, command, **env) as server:
                     for c in (1, 32):
-                        load = _load(server.url, "/embed", bodies, c, args.seconds, "images")
+                        load = measure_load(server.url, "/embed", bodies, c, args.seconds, "images")
                         img_s = asyncio.run(load)["req_s"]
                         rates.setdefault(f"{variant} c={c}", []).append(round(img_s, 1))
                         print(f"round {round_} {variant} c={c}: {img_s:.1f} img/s", flush=True)

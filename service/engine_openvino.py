@@ -83,9 +83,7 @@ class OpenVinoEngine:
             raise ValueError(f"OpenVINO streams must be >= 1, got {streams}")
         streams = min(streams, max(1, int(threads)))  # a stream needs a thread of its own
         core = shared_core()
-        if precision == "bf16" and "BF16" not in core.get_property(
-            "CPU", "OPTIMIZATION_CAPABILITIES"
-        ):
+        if precision == "bf16" and not cpu_supports_bf16():
             log.warning("this CPU has no native bf16: OpenVINO runs %s in fp32 instead", path)
             precision = "fp32"
         config: dict[str, object] = {
