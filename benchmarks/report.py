@@ -60,6 +60,13 @@ def _engine(eng: dict) -> list[str]:
 
 def _http(http: dict) -> list[str]:
     lines = ["## HTTP", ""]
+    if "preprocess_cpu_ms" in http:
+        lines += [
+            f"Decode + eval transform: {_fmt(http['preprocess_cpu_ms'])} CPU ms per image. "
+            "cpu_ceiling: the highest x_raw_engine the shared cores allow once that and the "
+            "load generator's CPU are paid (HTTP parsing not counted, so an upper bound).",
+            "",
+        ]
     for server in http["servers"]:
         lines.append(
             f"### engine `{server['engine']}`, {server['model']}: cold start "
@@ -69,7 +76,7 @@ def _http(http: dict) -> list[str]:
         )
         lines.append("")
         cols = ["endpoint", "concurrency", "req_s", "img_s", "p50_ms", "p95_ms", "p99_ms"]
-        cols += ["x_raw_engine", "x_torch_fp32", "client_cpu_ms", "errors"]
+        cols += ["x_raw_engine", "cpu_ceiling", "x_torch_fp32", "client_cpu_ms", "errors"]
         lines += table(server["load"], cols)
         lines.append("")
     return lines

@@ -68,6 +68,9 @@ def test_http_and_train_sections(tmp_path):
     embed = [r for r in server["load"] if r["endpoint"] == "/embed"]
     assert [r["concurrency"] for r in embed] == [1, 4]
     assert all(r["errors"] == 0 and r["img_s"] > 0 and r["x_raw_engine"] > 0 for r in embed)
+    # Decoding is real work, so the cores leave the server less than the whole raw engine.
+    assert result["http"]["preprocess_cpu_ms"] > 0
+    assert all(0 < r["cpu_ceiling"] < 1 for r in embed)
     assert any(r["endpoint"] == "/attention" and r["errors"] == 0 for r in server["load"])
     recipes = {(r["recipe"], r["precision"]) for r in result["train"]["rows"]}
     assert {("quickstart", "fp32"), ("vit_small", "fp32")} <= recipes

@@ -17,8 +17,15 @@ from torch import nn
 from training.budget import STEP_MARGIN, export_reserve_s
 from training.config import TrainConfig
 from training.data import ArrayDataset
+from training.koleo import koleo_per_crop
 from training.schedules import scaled_lr
-from training.train_parts import Plan, cpu_has_bf16, ema_update, resolve_precision
+from training.train_parts import (
+    Plan,
+    clip_gradients,
+    cpu_has_bf16,
+    ema_update,
+    resolve_precision,
+)
 from training.trainer import Trainer, TrainingDiverged
 
 
@@ -78,6 +85,19 @@ def _trainer(tmp_path, cfg: TrainConfig, n: int = 32, knn: bool = False) -> Trai
     data = ArrayDataset(images, labels)
     sets = (data, data) if knn else None
     return Trainer(cfg, data, tmp_path, knn_sets=sets, show_progress=False)
+
+
+def test_clipping_caps_each_parameters_gradient_norm_separately():
+    model = nn.Linear(3, 2)
+    model.weight.grad = torch.full((2, 3), 2.0)  # norm sqrt(24) ~ 4.9: scaled to 3
+    model.bias.grad = torch.tensor([0.6, 0.8])  # norm 1: left alone
+    clip_gradients(model, 3.0)
+    assert model.weight.grad.norm().item() == pytest.approx(3.0, rel=1e-5)
+    torch.testing.assert_close(model.weight.grad, torch.full((2, 3), 2.0 * 3.0 / 24**0.5))
+    torch.testing.assert_close(model.bias.grad, torch.tensor([0.6, 0.8]))
+    model.bias.grad = None  # parameters without a gradient are skipped
+    clip_gradients(model, 1.0)
+    assert model.weight.grad.norm().item() == pytest.approx(1.0, rel=1e-5)
 
 
 def test_schedules_are_wired_per_iteration(tmp_path):
@@ -234,3 +254,25 @@ def test_batch_crops_are_the_quickstart_default_and_grey_only(tmp_path):
     assert not own.batch_augment and not own.grayscale and own.num_workers == 1
     with pytest.raises(ValueError, match="--batch-augment false"):
         tiny_config(batch_augment=True, grayscale=False).validate()
+
+
+def test_a_step_adds_the_weighted_koleo_term(tmp_path):
+    losses = {}
+    for weight in (0.0, 0.5):
+        cfg = tiny_config(koleo_weight=weight, seed=3)
+        tr = _trainer(tmp_path / str(weight), cfg)
+        tr.build_schedules(Plan(len(tr.loader), len(tr.loader), cfg.epochs))
+        batch = next(iter(tr.loader))[0]
+        torch.manual_seed(0)
+        crops = tr._crops(batch)
+        with torch.no_grad():
+            out, feats = tr.student(crops, return_backbone=True)
+            spread = koleo_per_crop(feats[: 2 * tr.batch_per_rank], 2).item()
+            dino = tr.loss(out, tr.teacher(crops[:2]), 0).item()
+        tr.loss.center.zero_()  # the probe above moved the centre; start the step from 0 again
+        torch.manual_seed(0)
+        losses[weight] = (tr._step(batch), dino, spread)
+    step0, dino0, _ = losses[0.0]
+    step5, dino5, spread5 = losses[0.5]
+    assert step0 == pytest.approx(dino0, abs=1e-5)
+    assert step5 == pytest.approx(dino5 + 0.5 * spread5, abs=1e-5)

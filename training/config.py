@@ -78,6 +78,7 @@ class TrainConfig:
     warmup_teacher_temp: float = 0.04
     teacher_temp: float = 0.04
     warmup_teacher_temp_epochs: int = 0
+    koleo_weight: float = 0.0  # DINOv2's KoLeo spreading term on the student's global CLS; 0: off
     # run
     precision: str = "auto"  # auto | fp32 | bf16
     time_budget_min: float | None = 14.0  # whole run incl. k-NN and export; shortens schedules

@@ -105,7 +105,10 @@ class MultiCropWrapper(nn.Module):
         self.backbone = backbone
         self.head = head
 
-    def forward(self, crops: list[Tensor] | Tensor) -> Tensor:
+    def forward(
+        self, crops: list[Tensor] | Tensor, return_backbone: bool = False
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """Head outputs ``[n*B, K]``; with ``return_backbone`` also the backbone's ``[n*B, D]``."""
         if isinstance(crops, Tensor):
             crops = [crops]
         if not crops:
@@ -121,7 +124,9 @@ class MultiCropWrapper(nn.Module):
             # torchvision-style backbones may return a tuple; DINO takes the first element.
             features.append(out[0] if isinstance(out, tuple) else out)
             start = end
-        return self.head(torch.cat(features))
+        backbone_out = torch.cat(features)
+        head_out = self.head(backbone_out)
+        return (head_out, backbone_out) if return_backbone else head_out
 
 
 def cancel_last_layer_gradients(

@@ -51,10 +51,13 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
 
 def clip_gradients(model: nn.Module, clip: float) -> None:
     """DINO's clipping: each parameter's gradient norm is capped at ``clip`` separately."""
-    for p in model.parameters():
-        if p.grad is not None:
-            norm = p.grad.norm(2)
-            p.grad.mul_(torch.clamp(clip / (norm + 1e-6), max=1.0))
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return
+    # One fused pass over all gradients instead of two small kernels per parameter.
+    norms = torch.stack(torch._foreach_norm(grads, 2))
+    scales = torch.clamp(clip / (norms + 1e-6), max=1.0)
+    torch._foreach_mul_(grads, list(scales.unbind()))
 
 
 @dataclass

@@ -34,6 +34,7 @@ from training.distributed import (
 )
 from training.head import cancel_last_layer_gradients, get_params_groups
 from training.knn import evaluate_knn, extract_features
+from training.koleo import koleo_per_crop
 from training.loss import DINOLoss
 from training.schedules import cosine_scheduler, scaled_lr
 from training.train_parts import (
@@ -211,8 +212,12 @@ class Trainer:
         with self.autocast():
             with torch.no_grad():
                 teacher_out = self.teacher(crops[:2])
-            student_out = self.student(crops)
+            student_out, features = self.student(crops, return_backbone=True)
             loss = self.loss(student_out, teacher_out, self._sched_epoch())
+            if self.cfg.koleo_weight:
+                # On the global crops' rows only (the first 2*B), as DINOv2 does.
+                spread = koleo_per_crop(features[: 2 * self.batch_per_rank], 2)
+                loss = loss + self.cfg.koleo_weight * spread
         value = all_reduce_mean(loss.detach().float()).item()
         if not math.isfinite(value):
             raise TrainingDiverged(
