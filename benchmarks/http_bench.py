@@ -15,6 +15,7 @@ import statistics
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -38,11 +39,19 @@ RAW_BATCHES = (1, 8, 16)  # 8: the server's default DINO_MAX_BATCH; 16 in case i
 
 
 async def measure_load(
-    base: str, path: str, bodies: list[bytes], concurrency: int, seconds: float, field: str
+    base: str,
+    path: str,
+    bodies: list[bytes],
+    concurrency: int,
+    seconds: float,
+    field: str,
+    server_cpu: Callable[[], float] | None = None,
 ) -> dict:
     """Closed-loop clients posting one image each, cycling through ``bodies``; throughput counts
     200 answers only. The client is ``loadgen``'s (requests encoded once, ~0.2 ms of CPU each), and
-    its CPU per request is reported, since it runs on the server's cores."""
+    its CPU per request is reported, since it runs on the server's cores. With ``server_cpu`` (the
+    server process's CPU seconds so far) the server's busy cores in the timed window are too:
+    fewer than the machine has means it waited, not that it ran out of CPU."""
     host = urlparse(base).netloc
     requests = [
         encode_request("POST", path, host, *multipart([(field, f"{i}.jpg", body)]))
@@ -50,18 +59,23 @@ async def measure_load(
     ]
     # Warm-up outside the timed window: first requests pay for lazy imports and shapes.
     await closed_loop(base, concurrency, min(2.0, seconds / 4), lambda i: requests[0])
-    t0 = time.perf_counter()
+    t0, server_t0 = time.perf_counter(), server_cpu() if server_cpu else 0.0
     samples, cpu = await closed_loop(
         base, concurrency, seconds, lambda i: requests[i % len(requests)], timeout=120.0
     )
     elapsed = time.perf_counter() - t0
     latencies = [lat for _, status, lat, _ in samples if status == 200]
-    return {
+    out = {
         "req_s": len(latencies) / elapsed,
         "errors": len(samples) - len(latencies),
         "client_cpu_ms": 1000 * cpu / max(1, len(samples)),
         **percentiles(latencies),
     }
+    if server_cpu:
+        used = server_cpu() - server_t0
+        out["server_cores"] = used / elapsed
+        out["server_cpu_ms"] = 1000 * used / max(1, len(samples))
+    return out
 
 
 def _parallel_rate(engine, pixels: np.ndarray, callers: int, min_time: float) -> float:
@@ -182,7 +196,9 @@ def run(mode: Mode, threads: int, so_far: dict) -> dict:
                 raise RuntimeError(f"server engine is not {label}; see {server.log_path}")
             rows = []
             for c in mode.concurrency:
-                load = measure_load(server.url, "/embed", bodies, c, mode.http_seconds, "images")
+                load = measure_load(
+                    server.url, "/embed", bodies, c, mode.http_seconds, "images", server.cpu_seconds
+                )
                 r = asyncio.run(load)
                 r.update(endpoint="/embed", concurrency=c, img_s=r["req_s"])
                 r["x_raw_engine"] = r["img_s"] / raw_img_s

@@ -62,9 +62,11 @@ def _http(http: dict) -> list[str]:
     lines = ["## HTTP", ""]
     if "preprocess_cpu_ms" in http:
         lines += [
-            f"Decode + eval transform: {_fmt(http['preprocess_cpu_ms'])} CPU ms per image. "
+            f"Decode + eval transform: {http['preprocess_cpu_ms']:.2f} CPU ms per image. "
             "cpu_ceiling: the highest x_raw_engine the shared cores allow once that and the "
-            "load generator's CPU are paid (HTTP parsing not counted, so an upper bound).",
+            "load generator's CPU are paid (HTTP parsing not counted, so an upper bound); "
+            "server_cores: cores the server process kept busy in the timed window; "
+            "server_cpu_ms: its CPU per request, inference included.",
             "",
         ]
     for server in http["servers"]:
@@ -76,7 +78,8 @@ def _http(http: dict) -> list[str]:
         )
         lines.append("")
         cols = ["endpoint", "concurrency", "req_s", "img_s", "p50_ms", "p95_ms", "p99_ms"]
-        cols += ["x_raw_engine", "cpu_ceiling", "x_torch_fp32", "client_cpu_ms", "errors"]
+        cols += ["x_raw_engine", "cpu_ceiling", "x_torch_fp32", "client_cpu_ms"]
+        cols += ["server_cores", "server_cpu_ms", "errors"]
         lines += table(server["load"], cols)
         lines.append("")
     return lines

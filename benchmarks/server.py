@@ -78,6 +78,12 @@ class Server:
         self.stop()
         raise RuntimeError(f"server not ready after {timeout:.0f} s; log: {self.log_path}")
 
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system) the server process has used so far, all its threads."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        # After the command name: utime and stime are fields 14 and 15 of the whole line.
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.terminate()
