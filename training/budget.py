@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import Subset
 
 from training.distributed import broadcast_object
+from training.knn import extract_features
 from training.train_parts import Plan, rng_state, set_rng_state
 
 if TYPE_CHECKING:
@@ -93,7 +94,15 @@ def calibrate(trainer: Trainer) -> tuple[float, float]:
     if tr.knn_sets and tr.dist.is_main:
         probe = Subset(tr.knn_sets[0], range(min(2 * tr.cfg.knn_batch_size, len(tr.knn_sets[0]))))
         t = time.perf_counter()
-        tr._extract(probe)
+        extract_features(
+            tr.teacher.backbone,
+            probe,
+            batch_size=tr.cfg.knn_batch_size,
+            num_workers=tr.cfg.num_workers,
+            device=tr.device,
+            bf16=tr.precision == "bf16",
+            show_progress=False,
+        )
         per_image = (time.perf_counter() - t) / len(probe)
         knn_s = 1.2 * per_image * sum(len(s) for s in tr.knn_sets) + 5.0
     tr.student_plain.load_state_dict(saved[0])

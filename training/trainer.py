@@ -33,7 +33,7 @@ from training.distributed import (
     barrier,
 )
 from training.head import cancel_last_layer_gradients, get_params_groups
-from training.knn import evaluate_knn, extract_features
+from training.knn import evaluate_knn
 from training.koleo import koleo_per_crop
 from training.loss import DINOLoss
 from training.schedules import cosine_scheduler, scaled_lr
@@ -164,6 +164,7 @@ class Trainer:
         self.iteration = 0
         self.plan: Plan | None = None
         self.history: list[dict] = []
+        self.last_koleo: torch.Tensor | None = None
         self.metrics = MetricsLog(self.run_dir)
         # Time kept after training for the export; planning adds the k-NN.
         self.reserve_s = export_reserve_s(teacher.backbone)
@@ -219,6 +220,7 @@ class Trainer:
             if self.cfg.koleo_weight:
                 # On the global crops' rows only (the first 2*B), as DINOv2 does.
                 spread = koleo_per_crop(features[: 2 * self.batch_per_rank], 2)
+                self.last_koleo = spread.detach()
                 loss = loss + self.cfg.koleo_weight * spread
         value = all_reduce_mean(loss.detach().float()).item()
         if not math.isfinite(value):
@@ -282,6 +284,8 @@ class Trainer:
                         "momentum": float(self.mom_sched[it]),
                         "teacher_temp": self.loss.teacher_temp_at(self._sched_epoch()),
                         "teacher_entropy": self.loss.last_teacher_entropy,
+                        # The unweighted KoLeo term ("loss" includes koleo_weight times it).
+                        "koleo": None if self.last_koleo is None else float(self.last_koleo),
                         "ln_out_dim": ln_k,
                         "img_per_s": n_last * self.cfg.batch_size / max(now - t_last, 1e-9),
                         "time": now - t_start,
@@ -325,17 +329,6 @@ class Trainer:
         }
 
     # ------------------------------------------------------------ evaluation and output
-
-    def _extract(self, dataset: Dataset):
-        return extract_features(
-            self.teacher.backbone,
-            dataset,
-            batch_size=self.cfg.knn_batch_size,
-            num_workers=self.cfg.num_workers,
-            device=self.device,
-            bf16=self.precision == "bf16",
-            show_progress=False,
-        )
 
     def run_knn(self, filename: str = "knn.json") -> dict | None:
         """k-NN of the teacher backbone (rank 0; others wait). ``None`` without labels."""
