@@ -63,7 +63,7 @@ def _step_img_s(recipe: str, precision: str, overrides: dict, steps: int) -> dic
         trainer = Trainer(cfg, data, run_dir, show_progress=False)
         n = len(trainer.loader)
         # Schedules long enough for the warm-up plus the timed steps whatever the data size.
-        trainer.build_schedules(Plan(n, max(n, steps + 1), cfg.epochs))
+        trainer.build_schedules(Plan(n, max(n, steps + 2), cfg.epochs))
         crops = next(iter(trainer.loader))[0]
         for _ in range(2):  # warm-up: first-call allocations and kernel selection
             trainer._step(crops)

@@ -148,7 +148,7 @@ class Trainer:
         groups = get_params_groups(student)
         if cfg.optimizer == "adamw":
             # The fused kernel: one pass over all parameters (4.5x faster on CPU than the default
-            # per-parameter loop for the quickstart's 3.4M parameters), same update.
+            # per-parameter loop for the quickstart's 3.4M parameters), same update rule.
             self.optimizer: torch.optim.Optimizer = torch.optim.AdamW(groups, fused=True)
         else:
             self.optimizer = torch.optim.SGD(groups, lr=0.0, momentum=0.9)
