@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from training.loss import DINOLoss
+from training.loss import DINOLoss, sinkhorn_knopp
 
 
 def make_loss(k: int = 3, ncrops: int = 3, **kw) -> DINOLoss:
@@ -176,3 +176,43 @@ def test_center_is_all_reduced_across_processes():
     # Rank 0 sees mean [1, 2, 3], rank 1 [2, 4, 6]; the global mean is [1.5, 3, 4.5].
     for rank in (0, 1):
         np.testing.assert_allclose(centers[rank], [[0.15, 0.3, 0.45]], rtol=1e-6)
+
+
+def test_sinkhorn_targets_are_distributions_that_share_prototypes_equally():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, 16, generator=gen)
+    q = sinkhorn_knopp(logits, temp=0.5, iterations=100)
+    assert torch.allclose(q.sum(dim=1), torch.ones(64), atol=1e-5)
+    # Converged: each of the 16 prototypes receives 64 / 16 = 4 rows' worth of mass.
+    assert torch.allclose(q.sum(dim=0), torch.full((16,), 4.0), atol=1e-3)
+    # Each row's target keeps its own ranking of the prototypes it prefers most.
+    assert (q.argmax(dim=1) == logits.argmax(dim=1)).float().mean() > 0.5
+    # The default 3 iterations at DINO's temperature already come close to the balance.
+    few = sinkhorn_knopp(logits * 0.05, temp=0.04)
+    assert float((few.sum(dim=0) - 4.0).abs().max()) < 0.5
+
+
+def test_sinkhorn_ignores_a_per_row_shift_and_survives_cold_temperatures():
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(32, 8, generator=gen)
+    shifted = logits + torch.arange(32.0).unsqueeze(1) * 20  # exp(x / 0.03) overflows unshifted
+    a, b = sinkhorn_knopp(logits, temp=0.03), sinkhorn_knopp(shifted, temp=0.03)
+    assert torch.isfinite(b).all()
+    assert torch.allclose(a, b, atol=1e-2)
+
+
+def test_sinkhorn_centering_spreads_a_teacher_stuck_on_one_prototype():
+    """Every teacher row prefers prototype 0: the EMA centre (zero at the start) keeps the
+    one-hot targets, so a student that also says 0 pays almost nothing; Sinkhorn-Knopp spreads
+    the targets over the prototypes in the very first batch, and that student pays."""
+    k, batch = 8, 16
+    teacher = torch.randn(2 * batch, k, generator=torch.Generator().manual_seed(2)) * 0.1
+    teacher[:, 0] += 1.0
+    student = torch.zeros(4 * batch, k)
+    student[:, 0] = 2.0  # at student temperature 0.1: nearly all mass on prototype 0
+    ema = DINOLoss(k, 4, 0.04, 0.04, 0, 1)(student, teacher, epoch=0)
+    spread = DINOLoss(k, 4, 0.04, 0.04, 0, 1, centering="sinkhorn")(student, teacher, epoch=0)
+    assert float(ema) < 0.01
+    assert float(spread) > 10 * float(ema) + 1.0
+    with pytest.raises(ValueError, match="centering"):
+        DINOLoss(k, 4, 0.04, 0.04, 0, 1, centering="mean")

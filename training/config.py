@@ -78,6 +78,7 @@ class TrainConfig:
     warmup_teacher_temp: float = 0.04
     teacher_temp: float = 0.04
     warmup_teacher_temp_epochs: int = 0
+    teacher_centering: str = "ema"  # ema: DINO's centre | sinkhorn: DINOv2's Sinkhorn-Knopp
     koleo_weight: float = 0.0  # DINOv2's KoLeo spreading term on the student's global CLS; 0: off
     # run
     precision: str = "auto"  # auto | fp32 | bf16
@@ -131,6 +132,10 @@ class TrainConfig:
             raise ValueError(f"--optimizer must be adamw or sgd, got {self.optimizer!r}")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"--precision must be auto, fp32 or bf16, got {self.precision!r}")
+        if self.teacher_centering not in ("ema", "sinkhorn"):
+            raise ValueError(
+                f"--teacher-centering must be ema or sinkhorn, got {self.teacher_centering!r}"
+            )
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError("--epochs and --batch-size must be at least 1")
         if not 0 <= self.warmup_teacher_temp_epochs <= self.epochs:

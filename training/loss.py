@@ -32,6 +32,7 @@ class DINOLoss(nn.Module):
         nepochs: int,
         student_temp: float = 0.1,
         center_momentum: float = 0.9,
+        centering: str = "ema",
     ) -> None:
         super().__init__()
         if ncrops < 2:
@@ -43,6 +44,9 @@ class DINOLoss(nn.Module):
             )
         if min(warmup_teacher_temp, teacher_temp, student_temp) <= 0:
             raise ValueError("temperatures must be positive")
+        if centering not in ("ema", "sinkhorn"):
+            raise ValueError(f"centering must be 'ema' or 'sinkhorn', got {centering!r}")
+        self.centering = centering
         self.out_dim = out_dim
         self.ncrops = ncrops
         self.student_temp = student_temp
@@ -84,7 +88,10 @@ class DINOLoss(nn.Module):
         student_out = (student_output.float() / self.student_temp).chunk(self.ncrops)
         temp = self.teacher_temp_at(epoch)
         teacher = teacher_output.detach().float()
-        teacher_probs = F.softmax((teacher - self.center) / temp, dim=-1)
+        if self.centering == "sinkhorn":
+            teacher_probs = sinkhorn_knopp(teacher, temp)
+        else:
+            teacher_probs = F.softmax((teacher - self.center) / temp, dim=-1)
         teacher_out = teacher_probs.chunk(2)
 
         total = student_output.new_zeros((), dtype=torch.float32)
@@ -133,3 +140,25 @@ class DINOLoss(nn.Module):
                 f"student output has {student_output.shape[0]} rows; expected ncrops "
                 f"({self.ncrops}) x batch ({batch}) = {self.ncrops * batch}"
             )
+
+
+@torch.no_grad()
+def sinkhorn_knopp(logits: Tensor, temp: float, iterations: int = 3) -> Tensor:
+    """DINOv2's teacher targets: ``softmax(logits / temp)`` rescaled so every prototype gets an
+    equal share of the batch (rows sum to 1, columns to ``rows / K``), summed over processes.
+
+    Replaces the EMA centre: the balance holds in every batch instead of being approached.
+    """
+    rows, k = logits.shape
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    # Starting from each row's softmax keeps exp() finite at low temperatures; a per-row factor
+    # does not move the balanced solution (the row normalisation absorbs it).
+    q = F.softmax(logits.float() / temp, dim=1)
+    total_rows = rows * world
+    for _ in range(iterations):
+        per_prototype = q.sum(dim=0, keepdim=True)
+        if world > 1:
+            dist.all_reduce(per_prototype)
+        q = q / per_prototype.clamp_min(1e-30) / k
+        q = q / q.sum(dim=1, keepdim=True).clamp_min(1e-30) / total_rows
+    return q * total_rows

@@ -159,6 +159,7 @@ class Trainer:
             cfg.teacher_temp,
             cfg.warmup_teacher_temp_epochs,
             cfg.epochs,
+            centering=cfg.teacher_centering,
         ).to(self.device)
         self.epoch = 0  # passes over the data completed
         self.iteration = 0
