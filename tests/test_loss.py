@@ -160,22 +160,31 @@ def _ddp_worker(rank: int, world: int, port: int, queue) -> None:
         loss = make_loss()
         t = torch.full((2, 3), float(rank + 1)) * torch.tensor([1.0, 2.0, 3.0])
         loss(torch.zeros(3, 3), t, 0)
-        queue.put((rank, loss.center.tolist()))
+        # Sinkhorn-Knopp over the two processes' rows together: each sees half of one batch.
+        half = _sinkhorn_batch().chunk(world)[rank]
+        queue.put((rank, (loss.center.tolist(), sinkhorn_knopp(half, temp=0.1).tolist())))
     finally:
         dist.destroy_process_group()
 
 
-def test_center_is_all_reduced_across_processes():
+def test_center_and_sinkhorn_are_reduced_across_processes():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
     mp.start_processes(_ddp_worker, args=(2, port, queue), nprocs=2, start_method="spawn")
-    centers = dict(queue.get() for _ in range(2))
+    results = dict(queue.get() for _ in range(2))
     # Rank 0 sees mean [1, 2, 3], rank 1 [2, 4, 6]; the global mean is [1.5, 3, 4.5].
     for rank in (0, 1):
-        np.testing.assert_allclose(centers[rank], [[0.15, 0.3, 0.45]], rtol=1e-6)
+        np.testing.assert_allclose(results[rank][0], [[0.15, 0.3, 0.45]], rtol=1e-6)
+    # The Sinkhorn-Knopp targets equal those of one process holding the whole batch.
+    whole = sinkhorn_knopp(_sinkhorn_batch(), temp=0.1).numpy()
+    np.testing.assert_allclose(results[0][1] + results[1][1], whole, rtol=1e-4, atol=1e-6)
+
+
+def _sinkhorn_batch() -> torch.Tensor:
+    return torch.randn(12, 5, generator=torch.Generator().manual_seed(3))
 
 
 def test_sinkhorn_targets_are_distributions_that_share_prototypes_equally():
