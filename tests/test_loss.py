@@ -225,3 +225,9 @@ def test_sinkhorn_centering_spreads_a_teacher_stuck_on_one_prototype():
     assert float(spread) > 10 * float(ema) + 1.0
     with pytest.raises(ValueError, match="centering"):
         DINOLoss(k, 4, 0.04, 0.04, 0, 1, centering="mean")
+
+
+def test_sinkhorn_centering_leaves_the_ema_centre_alone():
+    loss = make_loss(centering="sinkhorn")
+    loss(torch.zeros(6, 3), torch.tensor([[1.0, 2.0, 3.0], [3.0, 2.0, 1.0]]), 0)
+    assert torch.equal(loss.center, torch.zeros(1, 3))

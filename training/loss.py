@@ -18,6 +18,8 @@ class DINOLoss(nn.Module):
     as the teacher are skipped. The teacher is centred (``center``, an EMA of its batch mean, which
     prevents one dimension from dominating) and sharpened (low temperature, which prevents the
     uniform collapse); the two effects balance each other.
+    ``centering="sinkhorn"`` replaces the centre with DINOv2's Sinkhorn-Knopp balancing
+    (``sinkhorn_knopp``).
     """
 
     center: Tensor
@@ -105,7 +107,8 @@ class DINOLoss(nn.Module):
         with torch.no_grad():
             logp = torch.log(teacher_probs.clamp_min(1e-30))
             self._last_entropy = -(teacher_probs * logp).sum(dim=-1).mean()
-        self.update_center(teacher)
+        if self.centering == "ema":  # Sinkhorn-Knopp balances each batch and needs no centre
+            self.update_center(teacher)
         return total / n_terms
 
     @torch.no_grad()
