@@ -13,6 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from training.loss import DINOLoss, sinkhorn_knopp
+from training.masked_patches import PatchDistillLoss
 
 
 def make_loss(k: int = 3, ncrops: int = 3, **kw) -> DINOLoss:
@@ -162,12 +163,17 @@ def _ddp_worker(rank: int, world: int, port: int, queue) -> None:
         loss(torch.zeros(3, 3), t, 0)
         # Sinkhorn-Knopp over the two processes' rows together: each sees half of one batch.
         half = _sinkhorn_batch().chunk(world)[rank]
-        queue.put((rank, (loss.center.tolist(), sinkhorn_knopp(half, temp=0.1).tolist())))
+        # iBOT's patch centre: rank 0 hides 1 patch, rank 1 hides 3 (means weighted by count).
+        patch_loss = PatchDistillLoss(3)
+        rows = 1 + 2 * rank
+        patch_loss(torch.zeros(rows, 3), t[:1].expand(rows, 3), 0.1)
+        sk = sinkhorn_knopp(half, temp=0.1).tolist()
+        queue.put((rank, (loss.center.tolist(), sk, patch_loss.center.tolist())))
     finally:
         dist.destroy_process_group()
 
 
-def test_center_and_sinkhorn_are_reduced_across_processes():
+def test_centres_and_sinkhorn_are_reduced_across_processes():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -181,6 +187,9 @@ def test_center_and_sinkhorn_are_reduced_across_processes():
     # The Sinkhorn-Knopp targets equal those of one process holding the whole batch.
     whole = sinkhorn_knopp(_sinkhorn_batch(), temp=0.1).numpy()
     np.testing.assert_allclose(results[0][1] + results[1][1], whole, rtol=1e-4, atol=1e-6)
+    # Patch centre: (1 x [1, 2, 3] + 3 x [2, 4, 6]) / 4 rows = [1.75, 3.5, 5.25], times 0.1.
+    for rank in (0, 1):
+        np.testing.assert_allclose(results[rank][2], [[0.175, 0.35, 0.525]], rtol=1e-6)
 
 
 def _sinkhorn_batch() -> torch.Tensor:

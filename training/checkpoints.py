@@ -183,7 +183,10 @@ def extract_backbone_state_dict(obj: Mapping, which: str = "teacher") -> dict[st
     for key, value in obj.items():
         stripped[_strip(str(key))] = value
     if any(k.startswith("backbone.") for k in stripped):
-        others = [k for k in stripped if not k.startswith(("backbone.", "head."))]
+        # The wrapper's own iBOT mask token is training-only, like the head.
+        others = [
+            k for k in stripped if not k.startswith(("backbone.", "head.")) and k != "mask_token"
+        ]
         if others:
             log.warning("ignoring %d non-backbone keys, e.g. %s", len(others), others[:3])
         stripped = {

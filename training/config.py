@@ -80,6 +80,10 @@ class TrainConfig:
     warmup_teacher_temp_epochs: int = 0
     teacher_centering: str = "ema"  # ema: DINO's centre | sinkhorn: DINOv2's Sinkhorn-Knopp
     koleo_weight: float = 0.0  # DINOv2's KoLeo spreading term on the student's global CLS; 0: off
+    # iBOT's masked patch loss (training.masked_patches), ViTs only; 0: off
+    mim_weight: float = 0.0
+    mim_ratio: tuple[float, float] = (0.1, 0.5)  # fraction of a masked image's patches hidden
+    mim_prob: float = 0.5  # fraction of global crops that are masked at all
     # run
     precision: str = "auto"  # auto | fp32 | bf16
     time_budget_min: float | None = 14.0  # whole run incl. k-NN and export; shortens schedules
@@ -136,6 +140,12 @@ class TrainConfig:
             raise ValueError(
                 f"--teacher-centering must be ema or sinkhorn, got {self.teacher_centering!r}"
             )
+        if self.mim_weight:
+            if not self.arch.startswith("vit"):
+                raise ValueError("--mim-weight (masked patch loss) needs a ViT --arch")
+            lo, hi = self.mim_ratio
+            if not (0 < lo <= hi < 1 and 0 < self.mim_prob <= 1):
+                raise ValueError("--mim-ratio needs 0 < lo <= hi < 1 and --mim-prob 0 < p <= 1")
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError("--epochs and --batch-size must be at least 1")
         if not 0 <= self.warmup_teacher_temp_epochs <= self.epochs:

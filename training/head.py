@@ -98,23 +98,55 @@ class MultiCropWrapper(nn.Module):
 
     Crops of one resolution are batched together (2 globals, then the locals) so each backbone
     call sees a single tensor shape; the output rows are crop-major: crop 0's batch, crop 1's...
+
+    ``mask_token_dim`` adds iBOT's learnable mask token (``mask_token``, outside the backbone so
+    the backbone's state dict stays the official one); ``forward(..., patch_positions=...)``
+    then also returns the head's outputs for those patch tokens of the two global crops.
     """
 
-    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
+    def __init__(self, backbone: nn.Module, head: nn.Module, mask_token_dim: int = 0) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = head
+        self.mask_token = None
+        if mask_token_dim:
+            self.mask_token = nn.Parameter(torch.zeros(mask_token_dim))
+            nn.init.trunc_normal_(self.mask_token, std=0.02)
 
     def forward(
-        self, crops: list[Tensor] | Tensor, return_backbone: bool = False
-    ) -> Tensor | tuple[Tensor, Tensor]:
-        """Head outputs ``[n*B, K]``; with ``return_backbone`` also the backbone's ``[n*B, D]``."""
+        self,
+        crops: list[Tensor] | Tensor,
+        return_backbone: bool = False,
+        patch_positions: Tensor | None = None,
+        mask_patches: bool = False,
+    ) -> Tensor | tuple[Tensor, ...]:
+        """Head outputs ``[n*B, K]``; with ``return_backbone`` also the backbone's ``[n*B, D]``.
+
+        With ``patch_positions`` (``[2B, h*w]`` bool over the first two crops) the result is
+        ``(head_out, backbone_out, patch_head_out [positions.sum(), K])``; ``mask_patches``
+        hides those patches behind the mask token first (the student), without it they are seen
+        (the teacher).
+        """
         if isinstance(crops, Tensor):
             crops = [crops]
         if not crops:
             raise ValueError("MultiCropWrapper got an empty list of crops")
         features = []
+        patch_features = None
         start = 0
+        if patch_positions is not None:
+            if len(crops) < 2 or crops[0].shape != crops[1].shape:
+                raise ValueError("patch_positions need the two global crops first, same size")
+            if mask_patches and self.mask_token is None:
+                raise ValueError("mask_patches needs a wrapper built with mask_token_dim")
+            tokens = self.backbone.forward_tokens(
+                torch.cat(crops[:2]),
+                patch_positions if mask_patches else None,
+                self.mask_token,
+            )
+            features.append(tokens[:, 0])
+            patch_features = tokens[:, 1:][patch_positions]
+            start = 2
         while start < len(crops):
             size = crops[start].shape[-2:]
             end = start + 1
@@ -126,6 +158,9 @@ class MultiCropWrapper(nn.Module):
             start = end
         backbone_out = torch.cat(features)
         head_out = self.head(backbone_out)
+        if patch_features is not None:
+            # A head call of their own: the head's BatchNorm keeps CLS-only batch statistics.
+            return head_out, backbone_out, self.head(patch_features)
         return (head_out, backbone_out) if return_backbone else head_out
 
 

@@ -114,7 +114,8 @@ def build_wrapper(cfg: TrainConfig, drop_path: bool) -> MultiCropWrapper:
         hidden_dim=cfg.head_hidden_dim,
         bottleneck_dim=cfg.head_bottleneck_dim,
     )
-    return MultiCropWrapper(backbone, head)
+    mask_dim = backbone.embed_dim if cfg.mim_weight else 0
+    return MultiCropWrapper(backbone, head, mask_token_dim=mask_dim)
 
 
 class MetricsLog:

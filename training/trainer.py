@@ -11,7 +11,6 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +23,7 @@ from tqdm import tqdm
 from training.augment import MultiCropAugmentation, eval_transform
 from training.batch_augment import BatchMultiCrop, GreyTensor, batch_generator
 from training.budget import calibrate, export_reserve_s, plan_for_deadline
-from training.checkpoints import CheckpointError, read_checkpoint, save_atomic
+from training.checkpoints import read_checkpoint, save_atomic
 from training.config import TrainConfig
 from training.distributed import (
     DistInfo,
@@ -36,6 +35,8 @@ from training.head import cancel_last_layer_gradients, get_params_groups
 from training.knn import evaluate_knn
 from training.koleo import koleo_per_crop
 from training.loss import DINOLoss
+from training.masked_patches import PatchDistillLoss, draw_patch_masks
+from training.run_state import CHECKPOINT_NAME, restore_training_state, training_state
 from training.schedules import cosine_scheduler, scaled_lr
 from training.train_parts import (
     MetricsLog,
@@ -44,15 +45,10 @@ from training.train_parts import (
     clip_gradients,
     ema_update,
     resolve_precision,
-    rng_state,
     seed_everything,
-    set_rng_state,
 )
 
 log = logging.getLogger(__name__)
-
-FORMAT_TAG = "dino-feature-service/train-checkpoint/v1"
-CHECKPOINT_NAME = "checkpoint.pth"
 
 
 class TrainingDiverged(RuntimeError):
@@ -161,6 +157,8 @@ class Trainer:
             cfg.epochs,
             centering=cfg.teacher_centering,
         ).to(self.device)
+        self.patch_loss = PatchDistillLoss(cfg.out_dim).to(self.device) if cfg.mim_weight else None
+        self.last_mim: torch.Tensor | None = None
         self.epoch = 0  # passes over the data completed
         self.iteration = 0
         self.plan: Plan | None = None
@@ -206,6 +204,18 @@ class Trainer:
         gen = batch_generator(self.cfg.seed, self.dist.rank, self.iteration)
         return self.batch_aug(batch.to(self.device, non_blocking=True), gen)
 
+    def _patch_masks(self) -> torch.Tensor | None:
+        """This step's hidden patches of the global crops (iBOT), ``None`` when MIM is off."""
+        if self.patch_loss is None:
+            return None
+        gen = batch_generator(self.cfg.seed, self.dist.rank, self.iteration)
+        gen.manual_seed(gen.initial_seed() + 0x9E3779B9)  # a stream apart from the crops'
+        grid = self.cfg.global_size // self.cfg.patch_size
+        masks = draw_patch_masks(
+            2 * self.batch_per_rank, grid * grid, self.cfg.mim_ratio, self.cfg.mim_prob, gen
+        )
+        return masks.to(self.device)
+
     def _step(self, batch: torch.Tensor | list[torch.Tensor]) -> float:
         it = self.iteration
         crops = self._crops(batch)
@@ -213,11 +223,24 @@ class Trainer:
             group["lr"] = float(self.lr_sched[it])
             if i == 0:  # only the decayed group; biases and norms keep weight_decay 0
                 group["weight_decay"] = float(self.wd_sched[it])
+        masks = self._patch_masks()
         with self.autocast():
-            with torch.no_grad():
-                teacher_out = self.teacher(crops[:2])
-            student_out, features = self.student(crops, return_backbone=True)
+            if masks is None:
+                with torch.no_grad():
+                    teacher_out = self.teacher(crops[:2])
+                student_out, features = self.student(crops, return_backbone=True)
+            else:  # iBOT: the student predicts the teacher's view of the patches it cannot see
+                with torch.no_grad():
+                    teacher_out, _, teacher_patches = self.teacher(crops[:2], patch_positions=masks)
+                student_out, features, student_patches = self.student(
+                    crops, patch_positions=masks, mask_patches=True
+                )
             loss = self.loss(student_out, teacher_out, self._sched_epoch())
+            if masks is not None:
+                temp = self.loss.teacher_temp_at(self._sched_epoch())
+                mim = self.patch_loss(student_patches, teacher_patches, temp)
+                self.last_mim = mim.detach()
+                loss = loss + self.cfg.mim_weight * mim
             if self.cfg.koleo_weight:
                 # On the global crops' rows only (the first 2*B), as DINOv2 does.
                 spread = koleo_per_crop(features[: 2 * self.batch_per_rank], 2)
@@ -287,6 +310,7 @@ class Trainer:
                         "teacher_entropy": self.loss.last_teacher_entropy,
                         # The unweighted KoLeo term ("loss" includes koleo_weight times it).
                         "koleo": None if self.last_koleo is None else float(self.last_koleo),
+                        "mim": None if self.last_mim is None else float(self.last_mim),
                         "ln_out_dim": ln_k,
                         "img_per_s": n_last * self.cfg.batch_size / max(now - t_last, 1e-9),
                         "time": now - t_start,
@@ -367,43 +391,11 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         if self.dist.is_main:
-            state = {
-                "format": FORMAT_TAG,
-                "student": self.student_plain.state_dict(),
-                "teacher": self.teacher.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                "dino_loss": self.loss.state_dict(),
-                "epoch": self.epoch,
-                "iteration": self.iteration,
-                "plan": asdict(self.plan),
-                "config": self.cfg.to_dict(),
-                "rng": rng_state(),
-            }
-            save_atomic(state, self.checkpoint_path)
+            save_atomic(training_state(self), self.checkpoint_path)
         barrier()
 
     def load_checkpoint(self, path: str | Path | None = None) -> None:
         """Restore everything a resumed run needs to take the same next step."""
         path = Path(path or self.checkpoint_path)
-        state = read_checkpoint(path)
-        if state.get("format") != FORMAT_TAG:
-            raise CheckpointError(
-                f"{path} is not a training checkpoint of this project (format "
-                f"{state.get('format')!r}); --resume needs the checkpoint.pth of a run folder"
-            )
-        self.student_plain.load_state_dict(state["student"])
-        self.teacher.load_state_dict(state["teacher"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.loss.load_state_dict(state["dino_loss"])
-        self.epoch, self.iteration = int(state["epoch"]), int(state["iteration"])
-        self.build_schedules(Plan(**state["plan"]))
-        if self.plan.iters_per_epoch != len(self.loader):
-            raise CheckpointError(
-                f"the data changed: {len(self.loader)} batches per epoch now, "
-                f"{self.plan.iters_per_epoch} when {path} was written"
-            )
-        if self.dist.is_main:
-            set_rng_state(state["rng"])
-        else:  # the saved state is rank 0's; other ranks get their own stream
-            seed_everything(self.cfg.seed + 1000 * self.epoch + self.dist.rank)
+        restore_training_state(self, read_checkpoint(path), path)
         log.info("resumed from %s at epoch %d, iteration %d", path, self.epoch, self.iteration)

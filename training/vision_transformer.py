@@ -178,12 +178,22 @@ class VisionTransformer(nn.Module):
         patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, -1, dim)
         return torch.cat((cls_pos, patch_pos), dim=1)
 
-    def prepare_tokens(self, x: Tensor) -> Tensor:
+    def prepare_tokens(
+        self, x: Tensor, patch_mask: Tensor | None = None, mask_token: Tensor | None = None
+    ) -> Tensor:
+        """CLS + patch embeddings + positions; ``patch_mask`` ``[B, h*w]`` (True = hidden)
+        replaces those patch embeddings by ``mask_token`` ``[D]`` before the positions are added
+        (iBOT's masked image modelling, ``training.masked_patches``)."""
         _, _, h, w = x.shape
         p = self.patch_size
         if not (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()) and (h % p or w % p):
             raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {p}")
         tokens = self.patch_embed(x)
+        if patch_mask is not None:
+            if mask_token is None:
+                raise ValueError("a patch_mask needs the mask_token that replaces hidden patches")
+            hidden = patch_mask.unsqueeze(-1)
+            tokens = torch.where(hidden, mask_token.to(tokens.dtype), tokens)
         cls = self.cls_token.expand(tokens.shape[0], -1, -1)
         tokens = torch.cat((cls, tokens), dim=1)
         tokens = tokens + self.interpolate_pos_encoding(h // p, w // p)
@@ -194,6 +204,16 @@ class VisionTransformer(nn.Module):
         for block in self.blocks:
             x, _ = block(x)
         return self.norm(x)[:, 0]
+
+    def forward_tokens(
+        self, x: Tensor, patch_mask: Tensor | None = None, mask_token: Tensor | None = None
+    ) -> Tensor:
+        """Every token after the final norm, ``[B, 1 + h*w, D]`` (CLS first); masking as in
+        ``prepare_tokens``."""
+        x = self.prepare_tokens(x, patch_mask, mask_token)
+        for block in self.blocks:
+            x, _ = block(x)
+        return self.norm(x)
 
     def get_last_selfattention(self, x: Tensor) -> Tensor:
         """Softmax attention of the last block, ``[B, heads, N, N]`` (N = 1 + patches)."""
