@@ -200,10 +200,7 @@ class VisionTransformer(nn.Module):
         return self.pos_drop(tokens)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.prepare_tokens(x)
-        for block in self.blocks:
-            x, _ = block(x)
-        return self.norm(x)[:, 0]
+        return self.forward_tokens(x)[:, 0]
 
     def forward_tokens(
         self, x: Tensor, patch_mask: Tensor | None = None, mask_token: Tensor | None = None
