@@ -110,6 +110,12 @@ def test_schedules_are_wired_per_iteration(tmp_path):
     assert tr.wd_sched[0] == pytest.approx(0.04) and tr.wd_sched[-1] == pytest.approx(0.4)
     assert tr.mom_sched[0] == pytest.approx(0.996) and tr.mom_sched[-1] == pytest.approx(1.0)
     assert tr.freeze_iters == 2
+    tr.cfg.momentum_teacher_end = 0.999  # a teacher that still moves at the end
+    tr.build_schedules(Plan(4, 4, 2))
+    assert tr.mom_sched[0] == pytest.approx(0.996) and tr.mom_sched[-1] == pytest.approx(0.999)
+    assert all(np.diff(tr.mom_sched) >= 0)
+    with pytest.raises(ValueError, match="teacher momentum must rise"):
+        tiny_config(momentum_teacher=0.99, momentum_teacher_end=0.98).validate()
     batches = iter(tr.loader)
     last = tr.student_plain.head.last_layer.weight_v.detach().clone()
     for it in range(6):

@@ -74,6 +74,7 @@ class TrainConfig:
     weight_decay: float = 0.04
     weight_decay_end: float = 0.4
     momentum_teacher: float = 0.996
+    momentum_teacher_end: float = 1.0  # DINO's cosine ends at 1 (a frozen teacher)
     clip_grad: float = 3.0  # per-parameter gradient norm, as DINO; 0 disables
     freeze_last_layer: float = 0.0  # epochs (fractions allowed)
     warmup_teacher_temp: float = 0.04
@@ -149,6 +150,12 @@ class TrainConfig:
                 raise ValueError("--mim-ratio needs 0 < lo <= hi < 1 and --mim-prob 0 < p <= 1")
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError("--epochs and --batch-size must be at least 1")
+        if not 0 <= self.momentum_teacher <= self.momentum_teacher_end <= 1:
+            raise ValueError(
+                "teacher momentum must rise: need 0 <= --momentum-teacher <= "
+                f"--momentum-teacher-end <= 1, got {self.momentum_teacher} and "
+                f"{self.momentum_teacher_end}"
+            )
         if not 0 <= self.warmup_teacher_temp_epochs <= self.epochs:
             raise ValueError("--warmup-teacher-temp-epochs must lie between 0 and --epochs")
         if self.warmup_epochs > self.epochs:

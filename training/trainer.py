@@ -181,7 +181,9 @@ class Trainer:
         warm = min(cfg.warmup_epochs, cfg.epochs)
         self.lr_sched = cosine_scheduler(self.lr_peak, cfg.min_lr, cfg.epochs, n, warm)
         self.wd_sched = cosine_scheduler(cfg.weight_decay, cfg.weight_decay_end, cfg.epochs, n)
-        self.mom_sched = cosine_scheduler(cfg.momentum_teacher, 1.0, cfg.epochs, n)
+        self.mom_sched = cosine_scheduler(
+            cfg.momentum_teacher, cfg.momentum_teacher_end, cfg.epochs, n
+        )
         self.freeze_iters = int(round(cfg.freeze_last_layer * n))
 
     def plan_run(self, deadline: float | None) -> Plan:
