@@ -11,9 +11,9 @@ Presets:
   crops cut per batch (``training.batch_augment``) so both cores train; up to 10 epochs, as many
   as the budget fits. No KoLeo term: over seeds it did not help at this length (tuning log).
 - ``quickstart_long``: the same recipe, its momentum ending at 1, for 20 epochs without a time
-  budget (k-NN every 4), for
-  the accuracy 15 minutes cannot reach: 85.86 % k-NN, above raw pixels (85.1 %), in 39 min on
-  2 quiet cores (12 epochs gave 84.90 %); its wall time depends on the machine.
+  budget (k-NN every 4), for the accuracy 15 minutes cannot reach: 85.86 % k-NN, above raw pixels
+  (85.1 %), in 39 min on 2 quiet cores (12 epochs gave 84.90 %); its wall time depends on the
+  machine.
 - ``vit_small``: the paper's ViT-S/16 recipe (100 epochs; 300 with ``--epochs 300``), batch 256.
 - ``resnet50``: the official repository's ResNet-50 recipe: SGD (momentum 0.9, no LARS), lr 0.03
   per 256 images, weight decay 1e-4 constant, crops scales 0.14-1 / 0.05-0.14, no clipping.
