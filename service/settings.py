@@ -1,7 +1,7 @@
 """Server settings from ``DINO_*`` environment variables (pydantic-settings).
 
-The names are part of the contract (DESIGN.md, README). Every default is documented here and in the
-README; change one, change both.
+The names are part of the contract (CHANGELOG.md). Every default is documented here and in
+docs/serving.md; change one, change both.
 """
 
 from __future__ import annotations

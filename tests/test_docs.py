@@ -43,7 +43,7 @@ FORBIDDEN = re.compile(
 FENCE = re.compile(r"^(```|~~~).*?^\1", re.MULTILINE | re.DOTALL)
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 CODE_SPAN = re.compile(r"`([^`\n]+)`")
-MODULE = re.compile(r"^(?:%s)(?:\.[A-Za-z_][A-Za-z0-9_]*)+$" % "|".join(PACKAGES))
+MODULE = re.compile(rf"^(?:{'|'.join(PACKAGES)})(?:\.[A-Za-z_][A-Za-z0-9_]*)+$")
 RUN_MODULE = re.compile(r"python3? -m ([A-Za-z_][\w.]*)")
 PATH_TOKEN = re.compile(r"^[A-Za-z0-9_.][\w./-]*$")
 UPPER_MD = re.compile(r"^[A-Z][A-Z_]*\.md$")
@@ -98,12 +98,11 @@ def test_every_link_path_and_module_a_document_names_exists(doc):
     text = doc.read_text(encoding="utf-8")
     links, paths, modules = named_things(text)
     missing = [
-        link
-        for link in links
-        if not (doc.parent / link.split("#", 1)[0]).resolve().exists()
+        link for link in links if not (doc.parent / link.split("#", 1)[0]).resolve().exists()
     ]
     missing += [path for path in paths if not (ROOT / path).exists()]
     missing += [module for module in modules if not _module_exists(module)]
+    missing = sorted(set(missing))
     assert not missing, f"{doc.relative_to(ROOT)} names what is not in the repository: {missing}"
 
 

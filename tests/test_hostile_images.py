@@ -99,7 +99,7 @@ def exif_rotated_jpeg(upright: Image.Image, orientation: int) -> bytes:
 JPEG = encode(photo("astronaut", 96))
 PNG = encode(photo("chelsea", 80), "PNG")
 OK, BAD, UNSUPPORTED, TOO_BIG = 200, 400, 415, 413
-# (case, bytes, file name, content type, status): every status is one DESIGN.md documents.
+# (case, bytes, file name, content type, status): every status is one docs/serving.md documents.
 CASES = [
     ("zero bytes", b"", "empty.jpg", "image/jpeg", BAD),
     ("text", b"hello, this is not a picture\n" * 10, "notes.txt", "text/plain", UNSUPPORTED),

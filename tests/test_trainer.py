@@ -206,7 +206,7 @@ def test_tiny_end_to_end_training_learns(tmp_path):
     network untrained.
 
     The loss is H(teacher, student) = H(teacher) + KL(teacher || student). In runs this short
-    the teacher's entropy climbs towards ln(out_dim) (see the report), so the KL term, which is
+    the teacher's entropy climbs towards ln(out_dim), so the KL term, which is
     what the student's gradient acts on, is the quantity that must fall.
     """
     torch.set_num_threads(1)  # tiny matrices: threads only add overhead on a shared machine

@@ -4,8 +4,8 @@ Exporter choice: the legacy TorchScript exporter (``torch.onnx.export(dynamo=Fal
 - Both exporters give a correct dynamic graph for this ViT (its positional embedding is always
   resized to an explicit ``size`` while exporting), checked in onnxruntime at several sizes, square
   and not, batch 1 and >1 (max abs diff ~3e-6 either way).
-- Its graphs ran 10-15% faster in onnxruntime than the dynamo exporter's (MEASUREMENTS.md), and it
-  exports in a fraction of a second instead of ~5 s, which keeps every export and test quick.
+- Its graphs ran 10-15% faster in onnxruntime than the dynamo exporter's (measured when choosing),
+  and it exports in a fraction of a second instead of ~5 s, which keeps every export and test quick.
 - Opset 17 is the first with a single ``LayerNormalization`` node, which onnxruntime runs as one
   fused kernel; nothing here needs a newer op.
 It is deprecated upstream but still shipped in torch 2.14; if it goes away, ``dynamo=True`` with

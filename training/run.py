@@ -131,7 +131,7 @@ def set_threads(cfg: TrainConfig, dist: DistInfo) -> int:
     """Torch threads per process: by default the cores the loader workers leave free.
 
     More compute threads than free cores is far worse than fewer: OpenMP threads spin-wait for
-    each other, and on 2 loaded cores 2 threads measured 6-10x slower than 1 (see the report).
+    each other, and on 2 loaded cores 2 threads measured 6-10x slower than 1.
     """
     if cfg.threads is None:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
