@@ -20,6 +20,10 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = sorted(
     [ROOT / "README.md", ROOT / "CHANGELOG.md", ROOT / "benchmarks" / "README.md"]
     + list((ROOT / "docs").glob("*.md"))
+    + [
+        ROOT / "benchmarks" / "results" / n
+        for n in ("performance_history.md", "quickstart_tuning.md")
+    ]
 )
 README_MAX_LINES = 260
 # Folders the product creates at run time; only models/README.md of them is in the repository.
@@ -87,7 +91,7 @@ def named_things(text: str) -> tuple[list[str], list[str], list[str]]:
         tokens += block.split()
     tokens = [t.strip(",;:()[]'\"") for t in tokens]
     paths = sorted({t.rstrip(".") for t in tokens if t and _is_repo_path(t.rstrip("."), top)})
-    modules = {t for t in tokens if MODULE.match(t)}
+    modules = {t.split("(", 1)[0] for t in tokens if MODULE.match(t.split("(", 1)[0])}
     for block in fences:
         modules |= set(RUN_MODULE.findall(block))
     return links, paths, sorted(m for m in modules if m.split(".")[0] in PACKAGES)
