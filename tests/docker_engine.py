@@ -136,9 +136,18 @@ class Engine:
                     os.killpg(self.proc.pid, signal.SIGKILL)
                     self.proc.wait(10)
         finally:
+            self._unmount_leftovers()
             remove_docker0()
             fcntl.flock(self._lock, fcntl.LOCK_UN)
             self._lock.close()
+
+    def _unmount_leftovers(self) -> None:
+        """dockerd leaves its network namespace file mounted under the exec root."""
+        exec_root = str(self.socket.parent / "exec")
+        with open("/proc/self/mountinfo") as info:
+            points = [line.split()[4] for line in info]
+        for point in reversed([p for p in points if p.startswith(exec_root + "/")]):
+            subprocess.run(["umount", point], check=False, capture_output=True)
 
     def has_image(self, tag: str) -> bool:
         return self.docker("image", "inspect", tag, check=False).returncode == 0

@@ -46,7 +46,8 @@ def engine(tmp_path_factory):
     reason = _unavailable()
     if reason:
         pytest.skip(reason)
-    eng = Engine(tmp_path_factory.mktemp("docker"))
+    run_dir = tmp_path_factory.mktemp("docker")
+    eng = Engine(run_dir)
     try:
         yield eng
         # Host networking only: the engine never had a bridge network.
@@ -55,6 +56,7 @@ def engine(tmp_path_factory):
         eng.close()
     assert eng.proc.returncode is not None
     assert not Path("/sys/class/net/docker0").exists()
+    assert str(run_dir) not in Path("/proc/self/mountinfo").read_text()
 
 
 @pytest.fixture(autouse=True)
