@@ -85,6 +85,7 @@ def serve_image(engine) -> str:
         SERVE_TAG,
         str(ROOT),
     )
+    engine.docker("image", "prune", "-f")  # the previous build's image, now untagged
     return SERVE_TAG
 
 
