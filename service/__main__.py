@@ -45,9 +45,12 @@ def _check_models_dir(settings: Settings, uid: int) -> None:
             f"({_owner(store)}): make it readable, e.g. `chmod -R a+rX ./models` on the host"
         )
     model_dir = find_model_dir(settings)  # SettingsError: no model, or several and none named
-    unreadable = [p for p in model_dir.iterdir() if not os.access(p, os.R_OK)]
-    if not os.access(model_dir, os.R_OK | os.X_OK) or unreadable:
-        what = unreadable[0] if unreadable else model_dir
+    if os.access(model_dir, os.R_OK | os.X_OK):
+        unreadable = [p for p in model_dir.iterdir() if not os.access(p, os.R_OK)]
+    else:
+        unreadable = [model_dir]
+    if unreadable:
+        what = unreadable[0]
         raise SettingsError(
             f"the model file {what} is not readable by uid {uid} ({_owner(what)}): make the "
             "model readable, e.g. `chmod -R a+rX ./models` on the host"
