@@ -47,6 +47,10 @@ def remove_docker0() -> None:
         subprocess.run(["ip", "link", "delete", "docker0"], check=False, capture_output=True)
 
 
+class EngineError(RuntimeError):
+    """dockerd did not come up (e.g. no overlay2 or no privileges in this environment)."""
+
+
 class Engine:
     """``dockerd`` on a private socket; ``docker(...)`` runs the CLI against it."""
 
@@ -81,21 +85,24 @@ class Engine:
         ]
         with open(self.log, "w") as out:
             self.proc = subprocess.Popen(command, stdout=out, stderr=out, start_new_session=True)
-        self._wait_up()
-        leftovers = self.docker("ps", "-aq").stdout.split()  # from a run that was killed
-        if leftovers:
-            self.docker("rm", "-f", *leftovers)
+        try:
+            self._wait_up()
+            leftovers = self.docker("ps", "-aq").stdout.split()  # from a run that was killed
+            if leftovers:
+                self.docker("rm", "-f", *leftovers)
+        except BaseException:
+            self.close()
+            raise
 
     def _wait_up(self, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"dockerd exited:\n{self.log.read_text()[-3000:]}")
+                raise EngineError(f"dockerd exited:\n{self.log.read_text()[-3000:]}")
             if self.docker("version", check=False).returncode == 0:
                 return
             time.sleep(0.3)
-        self.close()
-        raise RuntimeError(f"dockerd not up in {timeout} s:\n{self.log.read_text()[-3000:]}")
+        raise EngineError(f"dockerd not up in {timeout} s:\n{self.log.read_text()[-3000:]}")
 
     def docker(
         self, *args: str, check: bool = True, timeout: float = 600, **kw

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from docker_engine import Engine, missing_tools
+from docker_engine import Engine, EngineError, missing_tools
 from live_server import free_port
 from service_helpers import photo_bytes
 
@@ -47,7 +47,12 @@ def engine(tmp_path_factory):
     if reason:
         pytest.skip(reason)
     run_dir = tmp_path_factory.mktemp("docker")
-    eng = Engine(run_dir)
+    try:
+        eng = Engine(run_dir)
+    except EngineError as exc:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(f"no private Docker engine can run here: {str(exc)[-500:]}")
     try:
         yield eng
         # Host networking only: the engine never had a bridge network.

@@ -26,11 +26,8 @@ def _start(env: dict[str, str]) -> subprocess.CompletedProcess:
     )
 
 
-@pytest.mark.parametrize(
-    ("port", "says"),
-    [("http", "unable to parse string as an integer"), ("70000", "less than or equal to 65535")],
-)
-def test_bad_port_is_one_line(tiny_vit_dir, tmp_path, port, says):
+@pytest.mark.parametrize("port", ["http", "70000"])
+def test_bad_port_is_one_line(tiny_vit_dir, tmp_path, port):
     result = _start(
         {
             "DINO_PORT": port,
@@ -41,7 +38,7 @@ def test_bad_port_is_one_line(tiny_vit_dir, tmp_path, port, says):
     assert result.returncode == 1
     assert result.stdout == "" and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert result.stderr.startswith(f"cannot start: invalid setting: DINO_PORT='{port}': ")
-    assert says in result.stderr and "DINO_PORT takes a port number 1-65535" in result.stderr
+    assert "DINO_PORT takes a port number 1-65535" in result.stderr
 
 
 def test_missing_model_is_one_line(tmp_path):
