@@ -260,7 +260,7 @@ _PLAIN = (str, int, float, bool, complex, bytes, type(None), Tensor, np.ndarray,
 def to_plain_data(obj: Any, where: str = "checkpoint") -> Any:
     """``obj`` with dataclasses turned into dicts and paths into strings, so that it loads with
     ``read_checkpoint``; raises ``CheckpointError`` naming the first other object found."""
-    if isinstance(obj, _PLAIN) or isinstance(obj, (argparse.Namespace, torch.dtype, torch.Size)):
+    if isinstance(obj, (*_PLAIN, argparse.Namespace, torch.dtype, torch.Size)):
         return obj
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return to_plain_data(dataclasses.asdict(obj), where)
@@ -298,7 +298,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     if not args.trust_source:
-        parser.error("convert unpickles SRC in full, which runs any code in it: pass --trust-source")
+        parser.error(
+            "convert unpickles SRC in full, which runs any code in it: pass --trust-source"
+        )
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
         convert(args.src, args.dst)

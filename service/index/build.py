@@ -5,6 +5,9 @@ Images go through the server's own decoding (``service.images``), preprocessing
 exactly what ``POST /items`` would store. Item ids are the paths relative to the folder, with
 '/' written as ':' (ids appear in URL paths); a path that cannot be an id gets ``h:<sha256>``.
 A second run skips every id already indexed, so an interrupted build resumes where it stopped.
+Of two paths with one id ('a/b.jpg' and 'a:b.jpg') the one already indexed (else the first by
+name) keeps it and the other fails with a message; links out of ``--images`` are not followed.
+Each item records its path relative to ``--images`` and that folder: all ``rebuild`` may read.
 """
 
 from __future__ import annotations

@@ -19,8 +19,9 @@ Errors for the server: ``DuplicateIdError`` (409) and ``InvalidItemError`` (422)
 ``ValueError``; ``IndexModelMismatch`` at open. Vectors are L2-normalised on the way in, so scores
 are cosines. A source is a path relative to its source root (``build``'s ``--images``), the
 only kind ``rebuild`` re-reads; without a root it is only a name (uploads). ``Item.source``
-never shows a server path: the relative path, or the name. Params: hnsw_m, ef_construction, ef_search (hnsw); nlist, nprobe, pq_m and
-train_min (ivf). ``service.index.meta.read_info(data_dir)`` describes a data dir without a model.
+never shows a server path: the relative path, or the name. Params: hnsw_m, ef_construction,
+ef_search (hnsw); nlist, nprobe, pq_m and train_min (ivf).
+``service.index.meta.read_info(data_dir)`` describes a data dir without a model.
 
 Durability: ``add`` and ``delete`` return only after their SQLite transaction is fsynced (WAL,
 synchronous=FULL). ``index.faiss`` is only a snapshot to start fast: on open the store loads it if
@@ -224,7 +225,8 @@ class IndexStore:
         metas = [v.metadata_json(m) for m in v.per_item(metadata, n, "metadata")]
         roots = v.per_item(source_roots, n, "source_roots")
         srcs = [
-            v.check_source(s, r) for s, r in zip(v.per_item(sources, n, "sources"), roots)
+            v.check_source(s, r)
+            for s, r in zip(v.per_item(sources, n, "sources"), roots, strict=True)
         ]
         thumbs = [v.check_thumbnail(t) for t in v.per_item(thumbnails, n, "thumbnails")]
         if n == 0:
