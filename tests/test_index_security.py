@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -216,3 +217,22 @@ def test_store_refuses_bad_sources_and_ids(tmp_path):
         IndexStore.open(tmp_path / "d", "sha", 4, progress=False).close()
     except IndexStoreError as exc:  # pragma: no cover - the lock was released on close
         raise AssertionError(exc) from exc
+
+
+def test_legacy_absolute_sources_need_an_explicit_root(tiny_vit_dir, tiny_resnet_dir, tmp_path):
+    # An index written before sources recorded their folder: absolute paths, no root column.
+    images, data = tmp_path / "images", tmp_path / "data"
+    write_images(images, PHOTOS)
+    assert cli("build", "--images", str(images), *_args(tiny_vit_dir, data)).returncode == 0
+    with sqlite3.connect(data / "items.sqlite") as db:
+        db.execute("UPDATE items SET source = ? || '/' || source", (str(images.resolve()),))
+        db.execute("ALTER TABLE items DROP COLUMN source_root")
+    with open_for(tiny_vit_dir, data) as store:  # the column comes back, empty
+        assert store.get("coffee.png").source == "coffee.png"  # the name only
+    other = _args(tiny_resnet_dir, data)
+    elsewhere = cli("rebuild", "--legacy-root", str(tmp_path / "nothing-here"), *other)
+    assert elsewhere.returncode == 2 and "'coffee.png'" in elsewhere.stderr
+    done = cli("rebuild", "--legacy-root", str(images), *other)
+    assert done.returncode == 0, done.stderr
+    with open_for(tiny_resnet_dir, data) as store:
+        assert len(store) == len(PHOTOS) and store.get("coffee.png").source == "coffee.png"

@@ -40,14 +40,17 @@ def utc_now() -> str:
 class ItemDB:
     """One connection, used under the store's lock (``check_same_thread=False`` for that reason)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, migrate: bool = True):
+        """``migrate=False``: leave an older file's columns as they are (for readers that may
+        not hold the data dir's lock and read no source)."""
         self.path = path
         # isolation_level=None: we issue BEGIN/COMMIT ourselves so a batch is one transaction.
         self.conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self.conn.execute("PRAGMA journal_mode=WAL")
         self.conn.execute("PRAGMA synchronous=FULL")
         self.conn.executescript(_SCHEMA)
-        self._add_source_root()
+        if migrate:
+            self._add_source_root()
 
     def _add_source_root(self) -> None:
         """Older files lack ``source_root``: their sources are names rebuild never opens."""
