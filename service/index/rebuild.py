@@ -141,6 +141,15 @@ def _re_embed(
     if len(dropped) > len(missing) and not skip_missing:
         shutil.rmtree(staging, ignore_errors=True)
         _refuse_or_drop(dropped[len(missing) :], False, "could not be decoded")
+    old = _swap(data_dir, staging)
+    done = len(items) - len(dropped)
+    log.info("re-embedded %d items; the previous index is kept in %s (delete it when satisfied)",
+             done, old)  # fmt: skip
+    return {"re_embedded": done, "dropped": dropped, "previous": str(old)}
+
+
+def _swap(data_dir: Path, staging: Path) -> Path:
+    """Put ``staging`` in place of ``data_dir`` (still locked by us); returns the old one."""
     old = data_dir.with_name(f"{data_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
     os.replace(data_dir, old)
     try:
@@ -151,10 +160,7 @@ def _re_embed(
             f"index is in {old}"
         ) from exc
     fsync_dir(data_dir.parent)
-    done = len(items) - len(dropped)
-    log.info("re-embedded %d items; the previous index is kept in %s (delete it when satisfied)",
-             done, old)  # fmt: skip
-    return {"re_embedded": done, "dropped": dropped, "previous": str(old)}
+    return old
 
 
 def _refuse_or_drop(ids: list[str], skip: bool, why: str) -> None:
