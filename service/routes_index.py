@@ -11,6 +11,7 @@ from fastapi import APIRouter, Depends, File, Form, HTTPException, Query, Respon
 from service.engine import l2_normalise
 from service.images import thumbnail_jpeg
 from service.index import Hit
+from service.index.validate import shown_source
 from service.preprocess import eval_pixels
 from service.routes_common import RuntimeDep, read_images, require_token
 from service.runtime import Runtime
@@ -154,7 +155,9 @@ async def add_items(
     )
     out = await batcher.infer([px for _, (px, _) in loaded], ("embedding",))
     vectors = l2_normalise(out["embedding"])
-    sources = [upload.filename or None for upload in images]
+    # Only the file's own name, as a label: a client never names a server path (rebuild never
+    # opens sources without a root, and answers never show more than this name).
+    sources = [shown_source(upload.filename or None, None) for upload in images]
     thumbs = [thumb for _, (_, thumb) in loaded]
     added = await anyio.to_thread.run_sync(
         lambda: store.add(

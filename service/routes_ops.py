@@ -26,8 +26,10 @@ async def healthz() -> Health:
 async def readyz(request: Request) -> Readiness | JSONResponse:
     rt: Runtime = request.app.state.runtime
     if not rt.ready or rt.manifest is None:
-        detail = rt.index_error or (
-            "opening the index (replaying)" if rt.model_ready else "loading the model"
+        detail = (
+            rt.index_error
+            or rt.index_waiting
+            or ("opening the index (replaying)" if rt.model_ready else "loading the model")
         )
         model = rt.manifest.name if rt.manifest else None
         body = Readiness(ready=False, model=model, detail=detail)

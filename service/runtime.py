@@ -24,11 +24,13 @@ from service.index import (
     read_info,
     rebuild_command,
 )
+from service.index.lock import DataDirBusy
 from service.manifest import Manifest, load_manifest
 from service.metrics import Metrics
 from service.settings import Settings, attention_max_side, find_model_dir
 
 log = logging.getLogger("service")
+LOCK_RETRY_S = 0.5
 
 
 @dataclass
@@ -43,6 +45,7 @@ class Runtime:
     model_ready: bool = False  # /embed, /attention, /models can answer
     ready: bool = False  # and the index is open: everything can answer
     index_error: str | None = None
+    index_waiting: str | None = None  # another process holds the data dir: retrying
     _store_task: asyncio.Task | None = None
     _started: float = 0.0
 
@@ -116,7 +119,18 @@ class Runtime:
 
     async def _load_store(self) -> None:
         try:
-            self.store = await anyio.to_thread.run_sync(self._open_store)
+            while True:
+                try:
+                    self.store = await anyio.to_thread.run_sync(self._open_store)
+                    break
+                except DataDirBusy as exc:  # becomes ready once the holder exits
+                    if self.index_waiting is None:
+                        log.warning("%s; retrying every %.1f s", exc, LOCK_RETRY_S)
+                    self.index_waiting = (
+                        f"waiting for the data folder lock (held by pid {exc.holder})"
+                    )
+                    await anyio.sleep(LOCK_RETRY_S)
+            self.index_waiting = None
         except Exception as exc:  # readiness stays false and says why; /embed keeps working
             self.index_error = f"cannot open the index in {self.settings.data_dir}: {exc}"
             log.error("%s", self.index_error)

@@ -161,7 +161,7 @@ def test_corrupt_and_missing_files(tmp_path):
 def test_arbitrary_objects_need_trust(tmp_path):
     path = tmp_path / "odd.pth"
     torch.save({"w": torch.zeros(1), "obj": hashlib.sha256}, path)  # a non-allowlisted global
-    with pytest.raises(CheckpointError, match="openssl_sha256.*trusted=True"):
+    with pytest.raises(CheckpointError, match="openssl_sha256.*--trust-source"):
         read_checkpoint(path)
     assert read_checkpoint(path, trusted=True)["obj"] is hashlib.sha256
 
@@ -184,8 +184,10 @@ def test_save_atomic_replaces_and_leaves_no_temp(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pth"]
 
 
-def test_project_classes_are_trusted(tmp_path):
-    # A config object from this project's own package loads without trusted=True.
+def test_project_classes_need_trust(tmp_path):
+    # A class of this project's own package is code too: refused unless explicitly trusted.
     path = tmp_path / "cfg.pth"
     torch.save({"w": torch.zeros(1), "tf": _ToMode("L")}, path)
-    assert read_checkpoint(path)["tf"].mode == "L"
+    with pytest.raises(CheckpointError, match="training.augment._ToMode"):
+        read_checkpoint(path)
+    assert read_checkpoint(path, trusted=True)["tf"].mode == "L"

@@ -7,13 +7,14 @@ plausible-looking but meaningless features.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import importlib
+import dataclasses
+import hashlib
 import logging
 import os
 import pathlib
 import pickle
 import re
+import sys
 import tempfile
 import zipfile
 from collections.abc import Mapping
@@ -23,8 +24,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
-
-from service.manifest import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +36,11 @@ class CheckpointError(ValueError):
 
 
 def file_sha256(path: str | Path) -> str:
-    return sha256_file(Path(path))
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def save_atomic(obj: Any, path: str | Path) -> None:
@@ -67,9 +70,12 @@ def save_atomic(obj: Any, path: str | Path) -> None:
         pass
 
 
-def _harmless_globals() -> list[Any]:
-    """Non-tensor types that DINO-style checkpoints hold and that are safe to rebuild: argparse
-    args (official checkpoints), numpy arrays and scalars (RNG states), paths."""
+def _data_globals() -> list[Any]:
+    """The only non-torch globals a checkpoint may name: data types whose reconstruction runs no
+    code of the file's choosing. argparse args (official DINO checkpoints), paths, numpy arrays,
+    dtypes and scalars (numpy RNG states). Never functions or classes with behaviour, and never
+    anything from this project's own packages: a file that names ``training.quickstart.run_step``
+    would otherwise call it."""
     np_core = getattr(np, "_core", None) or np.core
     found = [
         argparse.Namespace,
@@ -79,7 +85,7 @@ def _harmless_globals() -> list[Any]:
         pathlib.PureWindowsPath,
         np.ndarray,
         np.dtype,
-        np_core.multiarray._reconstruct,
+        np_core.multiarray._reconstruct,  # numpy's own array constructor for pickles
         np_core.multiarray.scalar,
     ]
     dtypes = getattr(np, "dtypes", None)
@@ -88,45 +94,31 @@ def _harmless_globals() -> list[Any]:
     return found
 
 
-def _project_globals(path: Path) -> list[Any]:
-    """Classes from this project's own ``training`` package named in the file (e.g. a config
-    dataclass): trusted because they are our code."""
-    try:
-        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-    except Exception:  # legacy (non-zip) format: no listing possible
-        return []
-    found = []
-    for name in names:
-        module, _, attr = name.rpartition(".")
-        if module == "training" or module.startswith("training."):
-            with contextlib.suppress(ImportError, AttributeError):
-                found.append(getattr(importlib.import_module(module), attr))
-    return found
-
-
 def read_checkpoint(path: str | Path, trusted: bool = False) -> dict:
-    """Load a checkpoint onto the CPU as a dict.
+    """Load a checkpoint onto the CPU as a dict of tensors and plain data.
 
-    Uses ``weights_only=True`` with an allowlist (numpy RNG states, argparse args, paths, this
-    project's own classes), so official DINO files and ours load without running arbitrary
-    pickled code. ``trusted=True`` falls back to a full unpickle for other objects.
+    Uses ``weights_only=True`` with an allow-list of data types only (see ``_data_globals``), so
+    a downloaded file cannot run code while it loads; anything else is refused with a
+    ``CheckpointError`` naming the global. ``trusted=True`` (the Python API only, never a CLI
+    default) falls back to a full unpickle: for a file you made yourself, e.g. to convert it
+    with ``python -m training.checkpoints convert``.
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist or is not a file")
-    allowed = _harmless_globals() + _project_globals(path)
     try:
-        with torch.serialization.safe_globals(allowed):
+        with torch.serialization.safe_globals(_data_globals()):
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        globals_named = re.findall(r"GLOBAL (\S+) was not an allowed global", str(exc))
+        globals_named = re.findall(r"GLOBAL ([\w.]+)", str(exc))
         if not globals_named:
             raise CheckpointError(f"checkpoint {path} is corrupt or truncated: {exc}") from exc
         if not trusted:
             raise CheckpointError(
-                f"checkpoint {path} contains Python objects other than tensors and plain data "
-                f"({', '.join(globals_named)}); refusing to unpickle them. Load it with "
-                f"trusted=True only if you trust its source"
+                f"checkpoint {path} names the Python global {', '.join(globals_named)}, which is "
+                f"not a tensor or plain data; refusing to load it (unpickling it could run "
+                f"code). If you made this file yourself, convert it to plain data with "
+                f"`python -m training.checkpoints convert --trust-source {path} OUT.pth`"
             ) from exc
         log.warning("loading %s with weights_only=False (trusted source)", path)
         obj = _load_untrusted(path)
@@ -260,3 +252,64 @@ def load_backbone_weights(
             parts.append(f"build the matching model (e.g. pass {flags})")
         raise CheckpointError("; ".join(parts))
     backbone.load_state_dict(sd, strict=True)
+
+
+_PLAIN = (str, int, float, bool, complex, bytes, type(None), Tensor, np.ndarray, np.generic)
+
+
+def to_plain_data(obj: Any, where: str = "checkpoint") -> Any:
+    """``obj`` with dataclasses turned into dicts and paths into strings, so that it loads with
+    ``read_checkpoint``; raises ``CheckpointError`` naming the first other object found."""
+    if isinstance(obj, (*_PLAIN, argparse.Namespace, torch.dtype, torch.Size)):
+        return obj
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return to_plain_data(dataclasses.asdict(obj), where)
+    if isinstance(obj, pathlib.PurePath):
+        return str(obj)
+    if isinstance(obj, Mapping):
+        return {k: to_plain_data(v, f"{where}[{k!r}]") for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        items = [to_plain_data(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+        return items if isinstance(obj, list) else type(obj)(items)
+    kind = f"{type(obj).__module__}.{type(obj).__qualname__}"
+    raise CheckpointError(f"{where} is a {kind}, which has no plain-data form; drop it first")
+
+
+def convert(src: Path, dst: Path) -> None:
+    """Rewrite a checkpoint you trust as plain data (a full unpickle of ``src`` runs its code)."""
+    plain = to_plain_data(read_checkpoint(src, trusted=True))
+    save_atomic(plain, dst)
+    read_checkpoint(dst)  # proves the result loads without trust
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m training.checkpoints",
+        description="Convert a checkpoint that holds Python objects into plain data.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    conv = sub.add_parser("convert", help="rewrite SRC as tensors and plain data into DST")
+    conv.add_argument("src", type=Path, help="the checkpoint to convert (it gets fully unpickled)")
+    conv.add_argument("dst", type=Path, help="where to write the plain-data checkpoint")
+    conv.add_argument(
+        "--trust-source",
+        action="store_true",
+        help="required: you made SRC yourself or trust whoever did (loading it may run code)",
+    )
+    args = parser.parse_args(argv)
+    if not args.trust_source:
+        parser.error(
+            "convert unpickles SRC in full, which runs any code in it: pass --trust-source"
+        )
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        convert(args.src, args.dst)
+    except CheckpointError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.dst}: it loads without trust")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

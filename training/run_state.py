@@ -17,7 +17,10 @@ CHECKPOINT_NAME = "checkpoint.pth"
 
 
 def training_state(trainer: Trainer) -> dict:
-    """Models, optimiser, loss centres, position in the schedule, config and RNG states."""
+    """Models, optimiser, loss centres, position in the schedule, config and RNG states.
+
+    Everything is tensors or plain data (the config and plan as ``asdict`` dicts, rebuilt on
+    load), so ``read_checkpoint`` loads it without admitting any class of this project."""
     patch_loss = trainer.patch_loss
     return {
         "format": FORMAT_TAG,
@@ -41,6 +44,9 @@ def restore_training_state(trainer: Trainer, state: dict, path: Path) -> None:
             f"{path} is not a training checkpoint of this project (format "
             f"{state.get('format')!r}); --resume needs the checkpoint.pth of a run folder"
         )
+    for key in ("config", "plan"):  # plain dicts by design: objects never travel in checkpoints
+        if not isinstance(state.get(key), dict):
+            raise CheckpointError(f"{path}: {key!r} is not a dict of plain values")
     trainer.student_plain.load_state_dict(state["student"])
     trainer.teacher.load_state_dict(state["teacher"])
     trainer.optimizer.load_state_dict(state["optimizer"])

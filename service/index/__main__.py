@@ -2,7 +2,8 @@
 
 Defaults come from the server's settings (``DINO_MODELS_DIR``, ``DINO_MODEL``, ``DINO_DATA_DIR``,
 ``DINO_INDEX_TYPE``, ``DINO_THREADS``, ...), so the CLI and the server agree on the data dir
-and model. Stop the server first: one process at a time may open a data dir.
+and model. Each command takes the data dir's lock (the server's) before it reads or changes
+anything, so while the server runs they refuse with a message: stop the server first.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 from service.engines import open_engine
 from service.index.build import build_folder, embed_files, load_metadata
 from service.index.errors import IndexStoreError
+from service.index.lock import DataDirBusy, DirLock
 from service.index.meta import read_info
 from service.index.rebuild import rebuild
 from service.index.store import IndexStore
@@ -53,6 +55,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     common(sub.add_parser("stats", help="describe the index (no model needed)"), model=False)
     r = sub.add_parser("rebuild", help="re-embed stored sources with the current model")
     r.add_argument("--skip-missing", action="store_true", help="drop items whose source is gone")
+    r.add_argument(
+        "--legacy-root",
+        type=Path,
+        action="append",
+        default=[],
+        help="an --images folder of an index built before sources recorded their folder: "
+        "absolute sources inside it may be re-read (repeatable)",
+    )
     common(r, model=True)
     args = p.parse_args(argv)
     if getattr(args, "batch_size", 1) < 1:
@@ -67,7 +77,24 @@ def _settings(args: argparse.Namespace) -> Settings:
         "model": getattr(args, "model", None),
         "index_type": getattr(args, "index_type", None),
     }
-    settings = Settings(**{k: v for k, v in given.items() if v is not None})
+    return Settings(**{k: v for k, v in given.items() if v is not None})
+
+
+def _lock(data_dir: Path, command: str) -> DirLock:
+    """The server's lock on the data dir, taken before anything in it is read or changed."""
+    if not data_dir.is_dir():
+        if command != "build":
+            raise IndexStoreError(f"no index in {data_dir}; build one first")
+        data_dir.mkdir(parents=True)
+    try:
+        return DirLock(data_dir)
+    except DataDirBusy as exc:
+        if command == "stats":
+            raise IndexStoreError(f"{exc}; while it runs, ask it: GET /index") from None
+        raise
+
+
+def _recorded_type(settings: Settings) -> Settings:
     if "index_type" not in settings.model_fields_set:
         # Neither --index-type nor DINO_INDEX_TYPE: keep the data dir's type rather than
         # rebuilding it as flat behind the server's back.
@@ -82,6 +109,14 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 def run(args: argparse.Namespace) -> int:
     settings = _settings(args)
+    lock = _lock(settings.data_dir, args.command)
+    try:
+        return _locked(args, _recorded_type(settings), lock)
+    finally:
+        lock.release()  # a no-op when the store already released it
+
+
+def _locked(args: argparse.Namespace, settings: Settings, lock: DirLock) -> int:
     if args.command == "stats":
         print(json.dumps(read_info(settings.data_dir), indent=2))
         return 0
@@ -116,6 +151,8 @@ def run(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             skip_missing=args.skip_missing,
             progress=progress,
+            legacy_roots=args.legacy_root,
+            lock=lock,
         )
         print(json.dumps(report, indent=2))
         return 0
@@ -127,6 +164,7 @@ def run(args: argparse.Namespace) -> int:
         settings.index_type,
         model_name=manifest.name,
         progress=progress,
+        lock=lock,
         **settings.index_params,
     ) as store:
         report = build_folder(

@@ -5,6 +5,9 @@ Images go through the server's own decoding (``service.images``), preprocessing
 exactly what ``POST /items`` would store. Item ids are the paths relative to the folder, with
 '/' written as ':' (ids appear in URL paths); a path that cannot be an id gets ``h:<sha256>``.
 A second run skips every id already indexed, so an interrupted build resumes where it stopped.
+Of two paths with one id ('a/b.jpg' and 'a:b.jpg') the one already indexed (else the first by
+name) keeps it and the other fails with a message; links out of ``--images`` are not followed.
+Each item records its path relative to ``--images`` and that folder: all ``rebuild`` may read.
 """
 
 from __future__ import annotations
@@ -126,6 +129,42 @@ def embed_files(
     return kept, l2_normalise(out.astype(np.float32)), thumbs, failed
 
 
+def _inside(root: Path, files: list[Path], report: BuildReport) -> list[Path]:
+    """The files whose real path lies in ``root``: a symlink out of it is refused, not read."""
+    kept = []
+    for path in files:
+        if path.resolve().is_relative_to(root):
+            kept.append(path)
+        else:
+            report.failed.append((str(path), "a symbolic link out of --images; not followed"))
+    return kept
+
+
+def _unique_ids(
+    store: IndexStore, files: list[Path], rel: dict, ids: dict, report: BuildReport
+) -> list[Path]:
+    """Files whose ids are their own. Two paths can map to one id ('a/b.jpg', 'a:b.jpg'): the
+    one already indexed under it (else the first by name) keeps it, each other one fails with
+    a message, and the rest of the build goes on; a re-run reaches the same outcome."""
+    by_id: dict[str, list[Path]] = {}
+    for path in files:
+        by_id.setdefault(ids[path], []).append(path)
+    losers: set[Path] = set()
+    for iid, group in by_id.items():
+        if len(group) < 2:
+            continue
+        stored = store.get(iid)
+        keep = next((p for p in group if stored and rel[p] == stored.source), group[0])
+        for path in group:
+            if path != keep:
+                losers.add(path)
+                report.failed.append(
+                    (str(path), f"its id {iid!r} is already the id of {rel[keep]!r} ('/' is "
+                     "written ':' in ids); rename one of the two files")
+                )  # fmt: skip
+    return [p for p in files if p not in losers]
+
+
 def build_folder(
     store: IndexStore,
     images: Path,
@@ -136,13 +175,18 @@ def build_folder(
     batch_size: int = 32,
     progress: bool = True,
 ) -> BuildReport:
-    """Index every image under ``images`` that is not indexed yet; each batch is durable."""
+    """Index every image under ``images`` that is not indexed yet; each batch is durable.
+
+    Each item records its path relative to ``images`` and that root, which is all ``rebuild``
+    may re-read."""
     root = images.resolve()
-    files = find_images(root, recursive)
-    report = BuildReport(found=len(files))
+    found = find_images(root, recursive)
+    report = BuildReport(found=len(found))
+    files = _inside(root, found, report)
     rel = {p: p.relative_to(root).as_posix() for p in files}
     ids = {p: item_id(rel[p]) for p in files}
-    done = store.existing(ids.values())
+    files = _unique_ids(store, files, rel, ids, report)
+    done = store.existing(ids[p] for p in files)
     todo = [p for p in files if ids[p] not in done]
     report.skipped = len(files) - len(todo)
     metadata = metadata or {}
@@ -151,7 +195,7 @@ def build_folder(
     if report.unmatched_metadata:
         log.warning("%d metadata records match no image file", report.unmatched_metadata)
     if report.skipped:
-        log.info("%d of %d images are already indexed; skipping them", report.skipped, len(files))
+        log.info("%d of %d images are already indexed; skipping them", report.skipped, len(found))
     with tqdm(total=len(todo), unit="img", desc="indexing", disable=not progress) as bar:
         for batch in _batches(todo, batch_size):
             kept, vectors, thumbs, failed = embed(batch)
@@ -162,7 +206,8 @@ def build_folder(
                     vectors,
                     ids=[ids[p] for p in chosen],
                     metadata=[metadata.get(rel[p], metadata.get(ids[p])) for p in chosen],
-                    sources=[str(p) for p in chosen],
+                    sources=[rel[p] for p in chosen],
+                    source_roots=[str(root)] * len(chosen),
                     thumbnails=thumbs,
                 )
                 report.added += len(chosen)

@@ -24,6 +24,7 @@ CREATE TABLE IF NOT EXISTS items (
     vector BLOB NOT NULL,
     metadata TEXT NOT NULL DEFAULT '{}',
     source TEXT,
+    source_root TEXT,
     thumbnail BLOB,
     created_at TEXT NOT NULL
 );
@@ -39,13 +40,27 @@ def utc_now() -> str:
 class ItemDB:
     """One connection, used under the store's lock (``check_same_thread=False`` for that reason)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, migrate: bool = True):
+        """``migrate=False``: leave an older file's columns as they are (for readers that may
+        not hold the data dir's lock and read no source)."""
         self.path = path
         # isolation_level=None: we issue BEGIN/COMMIT ourselves so a batch is one transaction.
         self.conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self.conn.execute("PRAGMA journal_mode=WAL")
         self.conn.execute("PRAGMA synchronous=FULL")
         self.conn.executescript(_SCHEMA)
+        if migrate:
+            self._add_source_root()
+
+    def _add_source_root(self) -> None:
+        """Older files lack ``source_root``: their sources are names rebuild never opens."""
+        columns = {r[1] for r in self.conn.execute("PRAGMA table_info(items)")}
+        if "source_root" not in columns:
+            try:
+                self.conn.execute("ALTER TABLE items ADD COLUMN source_root TEXT")
+            except sqlite3.OperationalError as exc:  # another process added it first
+                if "duplicate column" not in str(exc):
+                    raise
 
     def close(self) -> None:
         self.conn.close()
@@ -74,7 +89,7 @@ class ItemDB:
         ids: list[str],
         vectors: np.ndarray,
         metadata: list[str],
-        sources: list[str | None],
+        sources: list[tuple[str | None, str | None]],
         thumbnails: list[bytes | None],
     ) -> np.ndarray:
         """Insert a batch in one fsynced transaction; returns the FAISS rows given to it.
@@ -86,10 +101,10 @@ class ItemDB:
             next_row = int(self.meta().get("next_row", "0"))
             rows = np.arange(next_row, next_row + len(ids), dtype=np.int64)
             self.conn.executemany(
-                "INSERT INTO items(id, row, vector, metadata, source, thumbnail, created_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO items(id, row, vector, metadata, source, source_root, thumbnail, "
+                "created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 [
-                    (i, int(r), v.astype("<f4").tobytes(), m, s, t, now)
+                    (i, int(r), v.astype("<f4").tobytes(), m, s[0], s[1], t, now)
                     for i, r, v, m, s, t in zip(
                         ids, rows, vectors, metadata, sources, thumbnails, strict=True
                     )
@@ -131,7 +146,7 @@ class ItemDB:
 
     def get(self, item_id: str) -> tuple | None:
         return self.conn.execute(
-            "SELECT id, metadata, source, created_at, thumbnail IS NOT NULL, row "
+            "SELECT id, metadata, source, source_root, created_at, thumbnail IS NOT NULL "
             "FROM items WHERE id = ?",
             (item_id,),
         ).fetchone()
@@ -139,7 +154,7 @@ class ItemDB:
     def page(self, offset: int, limit: int) -> list[tuple]:
         """Rows shaped like get(), newest first."""
         return self.conn.execute(
-            "SELECT id, metadata, source, created_at, thumbnail IS NOT NULL, row "
+            "SELECT id, metadata, source, source_root, created_at, thumbnail IS NOT NULL "
             "FROM items ORDER BY row DESC LIMIT ? OFFSET ?",
             (limit, offset),
         ).fetchall()
@@ -188,10 +203,10 @@ class ItemDB:
             "SELECT COUNT(*) FROM items WHERE row > ?", (after_row,)
         ).fetchone()[0]
 
-    def iter_items(self) -> Iterator[tuple[str, str, str | None, bytes | None, str]]:
-        """(id, metadata JSON, source, thumbnail, created_at) for every item, in row order."""
+    def iter_items(self) -> Iterator[tuple[str, str, str | None, str | None, bytes | None]]:
+        """(id, metadata JSON, source, source_root, thumbnail) for every item, in row order."""
         yield from self.conn.execute(
-            "SELECT id, metadata, source, thumbnail, created_at FROM items ORDER BY row"
+            "SELECT id, metadata, source, source_root, thumbnail FROM items ORDER BY row"
         )
 
 

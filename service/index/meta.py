@@ -57,7 +57,7 @@ def read_info(data_dir: Path | str) -> dict:
     data_dir = Path(data_dir)
     if not (data_dir / DB_FILE).is_file():
         raise IndexStoreError(f"no index in {data_dir} (no {DB_FILE}); build one first")
-    db = ItemDB(data_dir / DB_FILE)
+    db = ItemDB(data_dir / DB_FILE, migrate=False)
     try:
         meta, count = db.meta(), db.count()
     finally:

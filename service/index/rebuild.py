@@ -1,9 +1,15 @@
 """``python -m service.index rebuild``: make a data dir fit the current model.
 
 Same model: only the FAISS index is rebuilt from the vectors in SQLite (e.g. after changing the
-index type). Another model: every item is re-embedded from its stored source file into a fresh
-data dir beside the old one (ids, metadata and thumbnails kept); only when all of that succeeded
-are the folders swapped, and the old one is kept as ``<dir>.old-<time>`` until you delete it.
+index type). Another model: every item is re-embedded from its source file into a fresh data dir
+beside the old one (ids, metadata and thumbnails kept); only when all of that succeeded are the
+folders swapped, and the old one is kept as ``<dir>.old-<time>`` until you delete it.
+
+The data dir's lock is held from the first read to the swap, so a running server refuses the
+rebuild rather than losing writes. Only sources that ``build`` recorded with their root are
+re-read, and only when their real path is still inside that root: a client's file name is never
+opened. ``legacy_roots`` lets files written before roots were recorded (absolute sources) be
+re-read too, when they lie inside one of those folders.
 """
 
 from __future__ import annotations
@@ -13,14 +19,15 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable
-from pathlib import Path
+from collections.abc import Callable, Sequence
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 from tqdm import tqdm
 
 from service.index.db import DB_FILE, ItemDB
 from service.index.errors import IndexStoreError
+from service.index.lock import DirLock
 from service.index.meta import read_info
 from service.index.snapshot import SNAPSHOT_FILE, fsync_dir
 from service.index.store import IndexStore
@@ -28,6 +35,30 @@ from service.index.store import IndexStore
 log = logging.getLogger(__name__)
 
 Embed = Callable[[list[Path]], tuple[list[int], np.ndarray, list[bytes], list]]
+
+
+def source_file(
+    source: str | None, root: str | None, legacy_roots: Sequence[Path] = ()
+) -> tuple[Path, str, str] | None:
+    """(file to read, source, root to record) when an item may be re-read, else None."""
+    if source is None:
+        return None
+    if root is None:  # an upload's name, or an absolute path from before roots were recorded
+        if not legacy_roots or not PurePosixPath(source).is_absolute():
+            return None
+        real = Path(source).resolve()
+        bases = [r.resolve() for r in legacy_roots]
+        base = next((b for b in bases if real.is_relative_to(b)), None)
+        if base is None:
+            return None
+        source, root = real.relative_to(base).as_posix(), str(base)
+    real_root = Path(root).resolve()
+    if ".." in PurePosixPath(source).parts or PurePosixPath(source).is_absolute():
+        return None
+    real = (real_root / source).resolve()
+    if not real.is_relative_to(real_root) or not real.is_file():
+        return None  # moved, deleted, or now a link out of its root
+    return real, source, root
 
 
 def rebuild(
@@ -41,27 +72,47 @@ def rebuild(
     batch_size: int = 32,
     skip_missing: bool = False,
     progress: bool = True,
+    legacy_roots: Sequence[Path] = (),
+    lock: DirLock | None = None,
 ) -> dict:
     """Rebuild ``data_dir`` for the given model; returns a small report."""
-    info = read_info(data_dir)
-    if info["model_sha256"] == model_sha256 and info["dim"] == dim:
-        (data_dir / SNAPSHOT_FILE).unlink(missing_ok=True)
-        with IndexStore.open(
-            data_dir, model_sha256, dim, index_type, model_name=model_name, progress=progress
-        ) as store:
-            count = len(store)
-        log.info("same model: rebuilt the %s FAISS index of %d items", index_type, count)
-        return {"re_embedded": 0, "rebuilt": count, "dropped": []}
+    lock = lock or DirLock(data_dir)
+    try:
+        info = read_info(data_dir)
+        if info["model_sha256"] == model_sha256 and info["dim"] == dim:
+            (data_dir / SNAPSHOT_FILE).unlink(missing_ok=True)
+            with IndexStore.open(
+                data_dir, model_sha256, dim, index_type, model_name=model_name,
+                progress=progress, lock=lock,
+            ) as store:  # fmt: skip
+                count = len(store)
+            log.info("same model: rebuilt the %s FAISS index of %d items", index_type, count)
+            return {"re_embedded": 0, "rebuilt": count, "dropped": []}
+        return _re_embed(
+            data_dir, model_sha256, dim, embed, model_name, index_type, batch_size,
+            skip_missing, progress, legacy_roots,
+        )  # fmt: skip
+    finally:
+        lock.release()
 
+
+def _re_embed(
+    data_dir, model_sha256, dim, embed, model_name, index_type, batch_size, skip_missing,
+    progress, legacy_roots,
+) -> dict:  # fmt: skip
     db = ItemDB(data_dir / DB_FILE)
     try:
         items = list(db.iter_items())
     finally:
         db.close()
-    missing = [i for i, _, src, _, _ in items if not src or not Path(src).is_file()]
-    _refuse_or_drop(missing, skip_missing, "have no readable source file")
-    skipped = set(missing)
-    todo = [it for it in items if it[0] not in skipped]
+    todo, missing = [], []
+    for iid, meta, source, root, thumb in items:
+        found = source_file(source, root, legacy_roots)
+        if found is None:
+            missing.append(iid)
+        else:
+            todo.append((iid, meta, thumb, *found))
+    _refuse_or_drop(missing, skip_missing, "have no source file that rebuild may read")
 
     staging = data_dir.with_name(data_dir.name + ".rebuilding")
     shutil.rmtree(staging, ignore_errors=True)  # a previous rebuild that died half-way
@@ -73,7 +124,7 @@ def rebuild(
         with bar:
             for start in range(0, len(todo), batch_size):
                 batch = todo[start : start + batch_size]
-                kept, vectors, _, failed = embed([Path(src) for _, _, src, _, _ in batch])
+                kept, vectors, _, failed = embed([t[3] for t in batch])
                 dropped += [batch[i][0] for i in sorted(set(range(len(batch))) - set(kept))]
                 if failed and not skip_missing:
                     break
@@ -82,21 +133,34 @@ def rebuild(
                     vectors,
                     ids=[c[0] for c in chosen],
                     metadata=[json.loads(c[1]) for c in chosen],
-                    sources=[c[2] for c in chosen],
-                    thumbnails=[c[3] for c in chosen],
+                    sources=[c[4] for c in chosen],
+                    source_roots=[c[5] for c in chosen],
+                    thumbnails=[c[2] for c in chosen],
                 )
                 bar.update(len(batch))
     if len(dropped) > len(missing) and not skip_missing:
         shutil.rmtree(staging, ignore_errors=True)
         _refuse_or_drop(dropped[len(missing) :], False, "could not be decoded")
-    old = data_dir.with_name(f"{data_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
-    os.replace(data_dir, old)
-    os.replace(staging, data_dir)
-    fsync_dir(data_dir.parent)
+    old = _swap(data_dir, staging)
     done = len(items) - len(dropped)
     log.info("re-embedded %d items; the previous index is kept in %s (delete it when satisfied)",
              done, old)  # fmt: skip
     return {"re_embedded": done, "dropped": dropped, "previous": str(old)}
+
+
+def _swap(data_dir: Path, staging: Path) -> Path:
+    """Put ``staging`` in place of ``data_dir`` (still locked by us); returns the old one."""
+    old = data_dir.with_name(f"{data_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.replace(data_dir, old)
+    try:
+        os.replace(staging, data_dir)
+    except OSError as exc:  # something created data_dir in between: leave both for a person
+        raise IndexStoreError(
+            f"could not move the rebuilt index {staging} to {data_dir} ({exc}); the previous "
+            f"index is in {old}"
+        ) from exc
+    fsync_dir(data_dir.parent)
+    return old
 
 
 def _refuse_or_drop(ids: list[str], skip: bool, why: str) -> None:
@@ -105,8 +169,10 @@ def _refuse_or_drop(ids: list[str], skip: bool, why: str) -> None:
     shown = ", ".join(repr(i) for i in ids[:5]) + (" ..." if len(ids) > 5 else "")
     if not skip:
         raise IndexStoreError(
-            f"{len(ids)} item(s) {why} ({shown}), so they cannot be re-embedded (items uploaded "
-            "over HTTP keep only their file name). Restore the files, or pass --skip-missing to "
-            "drop those items from the rebuilt index."
+            f"{len(ids)} item(s) {why} ({shown}), so they cannot be re-embedded. Items added "
+            "over HTTP keep no file; items built by `build` are re-read only inside the "
+            "--images folder they came from (for indexes made before roots were recorded, "
+            "pass --legacy-root FOLDER). Restore the files, or pass --skip-missing to drop "
+            "those items from the rebuilt index."
         )
     log.warning("dropping %d item(s) that %s: %s", len(ids), why, shown)

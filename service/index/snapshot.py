@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import struct
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -34,9 +35,13 @@ def write_snapshot(path: Path, header: dict, payload: np.ndarray) -> None:
         "payload_sha256": hashlib.sha256(data).hexdigest(),
     }
     head = json.dumps(header, sort_keys=True).encode()
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    # A fresh name created with O_EXCL (mkstemp): a symlink planted beside the snapshot is never
+    # opened, so its target cannot be overwritten.
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    tmp = Path(tmp_name)
     try:
-        with open(tmp, "wb") as fh:
+        os.fchmod(fd, 0o644)
+        with os.fdopen(fd, "wb") as fh:
             fh.write(MAGIC + _LEN.pack(len(head)) + head)
             fh.write(data)
             fh.flush()

@@ -4,7 +4,8 @@ API (all methods thread-safe; one lock guards both halves)::
 
     store = IndexStore.open(data_dir, model_sha256, dim, index_type="flat", model_name=None,
                             snapshot_every=10_000, **params)   # IndexModelMismatch if not ours
-    ids = store.add(vectors [n,dim], ids=None, metadata=None, sources=None, thumbnails=None)
+    ids = store.add(vectors [n,dim], ids=None, metadata=None, sources=None, thumbnails=None,
+                    source_roots=None)
     store.delete(id) -> bool            store.get(id) -> Item | None
     store.thumbnail(id) -> bytes|None   store.vector(id) -> np.ndarray | None (unit float32)
     store.search(query [n,dim] or [dim], k, exclude_ids=None)
@@ -16,8 +17,11 @@ API (all methods thread-safe; one lock guards both halves)::
 
 Errors for the server: ``DuplicateIdError`` (409) and ``InvalidItemError`` (422), both
 ``ValueError``; ``IndexModelMismatch`` at open. Vectors are L2-normalised on the way in, so scores
-are cosines. Params: hnsw_m, ef_construction, ef_search (hnsw); nlist, nprobe, pq_m and
-train_min (ivf). ``service.index.meta.read_info(data_dir)`` describes a data dir without a model.
+are cosines. A source is a path relative to its source root (``build``'s ``--images``), the
+only kind ``rebuild`` re-reads; without a root it is only a name (uploads). ``Item.source``
+never shows a server path: the relative path, or the name. Params: hnsw_m, ef_construction,
+ef_search (hnsw); nlist, nprobe, pq_m and train_min (ivf).
+``service.index.meta.read_info(data_dir)`` describes a data dir without a model.
 
 Durability: ``add`` and ``delete`` return only after their SQLite transaction is fsynced (WAL,
 synchronous=FULL). ``index.faiss`` is only a snapshot to start fast: on open the store loads it if
@@ -72,8 +76,8 @@ class Hit(NamedTuple):
 
 
 def _item(found: tuple) -> Item:
-    iid, meta, source, created, has_thumb, _ = found
-    return Item(iid, json.loads(meta), source, created, bool(has_thumb))
+    iid, meta, source, root, created, has_thumb = found
+    return Item(iid, json.loads(meta), v.shown_source(source, root), created, bool(has_thumb))
 
 
 class IndexStore:
@@ -107,12 +111,15 @@ class IndexStore:
         model_name: str | None = None,
         snapshot_every: int = 10_000,
         progress: bool = True,
+        lock: DirLock | None = None,
         **params: object,
     ) -> IndexStore:
+        """``lock``: the data dir's lock when the caller already holds it (it is released on
+        close or on failure)."""
         data_dir = Path(data_dir)
         ann_params = AnnParams.make(index_type, **params)
         data_dir.mkdir(parents=True, exist_ok=True)
-        lock = DirLock(data_dir)
+        lock = lock or DirLock(data_dir)
         db = None
         try:
             db = ItemDB(data_dir / DB_FILE)
@@ -209,13 +216,18 @@ class IndexStore:
         metadata: Sequence[dict | None] | None = None,
         sources: Sequence[str | None] | None = None,
         thumbnails: Sequence[bytes | None] | None = None,
+        source_roots: Sequence[str | None] | None = None,
     ) -> list[str]:
         """Add items; returns their ids once they are durable on disk. All or nothing."""
         vecs = v.as_unit_rows(vectors, self.dim)
         n = len(vecs)
         ids = v.check_ids(ids, n)
         metas = [v.metadata_json(m) for m in v.per_item(metadata, n, "metadata")]
-        srcs = [v.check_source(s) for s in v.per_item(sources, n, "sources")]
+        roots = v.per_item(source_roots, n, "source_roots")
+        srcs = [
+            v.check_source(s, r)
+            for s, r in zip(v.per_item(sources, n, "sources"), roots, strict=True)
+        ]
         thumbs = [v.check_thumbnail(t) for t in v.per_item(thumbnails, n, "thumbnails")]
         if n == 0:
             return []

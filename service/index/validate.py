@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Sequence
+from pathlib import PurePosixPath
 
 import numpy as np
 
@@ -29,6 +30,8 @@ def check_id(item_id: object) -> str:
         raise InvalidItemError(f"id {item_id!r} has non-printable characters")
     if "/" in item_id:
         raise InvalidItemError(f"id {item_id!r} contains '/', which cannot appear in a URL path")
+    if item_id in (".", ".."):
+        raise InvalidItemError(f"id {item_id!r} is not allowed: it is a path step in URLs")
     if item_id != item_id.strip():
         raise InvalidItemError(f"id {item_id!r} has leading or trailing spaces")
     return item_id
@@ -98,12 +101,31 @@ def per_item(values: Sequence | None, n: int, what: str) -> list:
     return values
 
 
-def check_source(source: object) -> str | None:
-    if source is None:
-        return None
-    if not isinstance(source, str) or len(source) > MAX_SOURCE_LEN:
+def check_source(source: object, root: object = None) -> tuple[str | None, str | None]:
+    """(source, root) as stored. With a root (set by ``build`` only), the source is a relative
+    path inside it; without one, the source is only a name and is never opened."""
+    if source is None or source == "":
+        if root is not None:
+            raise InvalidItemError("a source root needs a source")
+        return None, None
+    if not isinstance(source, str) or len(source) > MAX_SOURCE_LEN or "\0" in source:
         raise InvalidItemError(f"source must be a string of at most {MAX_SOURCE_LEN} characters")
-    return source
+    if root is None:
+        return source, None
+    if not isinstance(root, str) or not PurePosixPath(root).is_absolute():
+        raise InvalidItemError(f"source root must be an absolute path, got {root!r}")
+    rel = PurePosixPath(source)
+    if rel.is_absolute() or ".." in rel.parts or rel.as_posix() != source:
+        raise InvalidItemError(f"source {source!r} must be a plain path relative to its root")
+    return source, root
+
+
+def shown_source(source: str | None, root: str | None) -> str | None:
+    """What answers show of a source: the path below its root, else only the last name (never
+    a server path: old files stored absolute paths, and uploads a client's file name)."""
+    if source is None or root is not None:
+        return source
+    return PurePosixPath(source.replace("\\", "/")).name or None
 
 
 def check_thumbnail(thumbnail: object) -> bytes | None:
