@@ -194,9 +194,9 @@ class MicroBatcher:
             return
         if self.metrics:
             kind = "embed" if outputs == ("embedding",) else "+".join(outputs)
-            self.metrics.batch_size.observe(len(batch), kind)
+            self.metrics.batch_size.labels(kind).observe(len(batch))
             self.metrics.inference.observe(time.perf_counter() - started)
-            self.metrics.images.inc(amount=len(batch))
+            self.metrics.images.inc(len(batch))
         for i, job in enumerate(batch):
             if not job.future.done():
                 job.future.set_result({name: result[name][i] for name in outputs})

@@ -130,7 +130,7 @@ async def distance(
     image_a: Annotated[UploadFile, File(description="first image")],
     image_b: Annotated[UploadFile, File(description="second image")],
 ) -> DistanceResponse:
-    (a, _), (b, _) = await read_images(rt, [image_a, image_b], lambda img: None)
+    a, b = await read_images(rt, [image_a, image_b], lambda img: img)
     return await perceptual_distance(rt, a, b)
 
 
@@ -237,7 +237,7 @@ async def reconstruct(
         decoder = await anyio.to_thread.run_sync(get_decoder, rt)
     except DecoderUnavailable as exc:
         raise HTTPException(409, str(exc)) from None
-    ((_, prepared),) = await read_images(
+    (prepared,) = await read_images(
         rt, [image], lambda img: attention_pixels(img, manifest, rt.attention_max_side)
     )
     tokens = (await rt.batcher.infer([prepared.pixels], ("patch_tokens",)))["patch_tokens"]
