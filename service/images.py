@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 import warnings
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
 import anyio
 import numpy as np
@@ -91,6 +91,14 @@ async def read_upload(upload: _Readable, max_bytes: int) -> bytes:
     return b"".join(parts)
 
 
+def read_limited(file: BinaryIO, max_bytes: int) -> bytes:
+    """``file`` to its end, refused as soon as it passes ``max_bytes`` (blocking: a thread)."""
+    data = file.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise ImageTooLarge(f"file is larger than the limit of {max_bytes} bytes")
+    return data
+
+
 def decode_image(data: bytes, max_pixels: int) -> Image.Image:
     """Decode one image to RGB, honouring EXIF orientation; raise an ImageError otherwise."""
     return load_rgb(open_image(data, max_pixels))
@@ -136,13 +144,30 @@ def load_rgb(img: Image.Image) -> Image.Image:
         raise ImageTooLarge(f"too many pixels: {exc}") from exc
     except Exception as exc:  # Pillow raises many types on corrupt data; all are the client's
         raise _decode_error(fmt, exc) from exc
-    img = _orient(img)
+    oriented = _orient(img)
+    if oriented is not img:
+        img.close()  # each step frees the step before: one or two full-size copies at a time
+    mode = oriented.mode
     try:
-        return to_rgb(img)
+        return _owned_to_rgb(oriented)
     except ImageError:
         raise
     except Exception as exc:
-        raise UnsupportedImageType(f"cannot convert colour mode {img.mode} to RGB: {exc}") from exc
+        raise UnsupportedImageType(f"cannot convert colour mode {mode} to RGB: {exc}") from exc
+
+
+def _owned_to_rgb(img: Image.Image) -> Image.Image:
+    """``to_rgb`` for an image this module owns: it is closed as soon as it is converted."""
+    if img.mode.startswith("I") or img.mode == "F":
+        values = np.asarray(img)
+        img.close()
+        grey = Image.fromarray(_scale_to_8bit(values))
+        del values
+        return grey.convert("RGB")
+    rgb = to_rgb(img)
+    if rgb is not img:
+        img.close()
+    return rgb
 
 
 def _decode_error(fmt: str, exc: Exception) -> ImageError:

@@ -18,13 +18,14 @@ from service.images import (
     ImageTooLarge,
     load_rgb,
     open_image,
-    read_upload,
+    read_limited,
 )
 from service.runtime import Runtime
+from service.settings import Settings
 
 T = TypeVar("T")
 # How long a request waits for the server-wide decoding budget before its 503.
-DECODE_WAIT_S = 10.0
+DECODE_WAIT_S = 30.0
 
 
 def model_runtime(request: Request) -> Runtime:
@@ -72,10 +73,12 @@ require_token.needs_token = True  # type: ignore[attr-defined]
 async def read_images(
     rt: Runtime, uploads: list[UploadFile], prepare: Callable[[Image.Image], T]
 ) -> list[T]:
-    """``prepare`` applied to each upload, decoded one at a time off the event loop: only one
-    full-size decoded image of a request is alive at once, and only ``prepare``'s (model-sized)
-    result is kept. Bytes, pixels per image, pixels per request and the server-wide decoding
-    budget are enforced; errors name the upload (index and file name)."""
+    """``prepare`` applied to each upload, decoded one at a time off the event loop.
+
+    First every upload's bytes, type and header are checked (pixels per image and per request):
+    a request over a limit is refused before any pixel is decoded. Then each image is decoded
+    inside the server-wide budget and only ``prepare``'s (model-sized) result is kept, so one
+    full-size decoded image per request is alive at a time. Errors name the upload."""
     s = rt.settings
     if not uploads:
         raise HTTPException(422, "send at least one image")
@@ -84,12 +87,11 @@ async def read_images(
             f"{len(uploads)} images in one request; the limit is {s.max_images_per_request} "
             "(DINO_MAX_IMAGES_PER_REQUEST)"
         )
-    spent = _RequestPixels(s.max_request_pixels)
+    await anyio.to_thread.run_sync(_check_headers, s, uploads)
     out: list[T] = []
     for i, upload in enumerate(uploads):
         try:
-            blob = await read_upload(upload, s.max_upload_bytes)
-            out.append(await _decode(rt, blob, prepare, spent))
+            out.append(await _decode(rt, upload, prepare))
         except ImageError as exc:
             raise exc.named(_name(i, upload)) from None
         except BudgetBusy as exc:
@@ -97,22 +99,27 @@ async def read_images(
     return out
 
 
-class _RequestPixels:
-    """Decoded pixels so far in one request, against DINO_MAX_REQUEST_PIXELS."""
+def _read(upload: UploadFile, max_bytes: int) -> bytes:
+    upload.file.seek(0)
+    return read_limited(upload.file, max_bytes)
 
-    def __init__(self, limit: int) -> None:
-        self.limit, self.total = limit, 0
 
-    def add(self, img: Image.Image) -> int:
-        pixels = img.width * img.height
-        if self.total + pixels > self.limit:
-            raise ImageTooLarge(
-                f"this request decodes over {self.limit} pixels in all (DINO_MAX_REQUEST_PIXELS): "
-                f"{self.total} before this {img.width}x{img.height} image; send fewer or "
-                "smaller images per request"
-            )
-        self.total += pixels
-        return pixels
+def _check_headers(s: Settings, uploads: list[UploadFile]) -> None:
+    """Bytes, type and pixels of every upload, and the pixels of all of them together."""
+    total = 0
+    for i, upload in enumerate(uploads):
+        try:
+            img = open_image(_read(upload, s.max_upload_bytes), s.max_image_pixels)
+        except ImageError as exc:
+            raise exc.named(_name(i, upload)) from None
+        total += img.width * img.height
+        img.close()
+    if total > s.max_request_pixels:
+        raise ImageTooLarge(
+            f"these {len(uploads)} images have {total} pixels in all, over the limit of "
+            f"{s.max_request_pixels} per request (DINO_MAX_REQUEST_PIXELS); send fewer or "
+            "smaller images per request"
+        )
 
 
 @dataclass(frozen=True)
@@ -123,19 +130,17 @@ class _Waiting:
     pixels: int
 
 
-async def _decode(
-    rt: Runtime, blob: bytes, prepare: Callable[[Image.Image], T], spent: _RequestPixels
-) -> T:
+async def _decode(rt: Runtime, upload: UploadFile, prepare: Callable[[Image.Image], T]) -> T:
     """One upload through ``prepare``, inside the server-wide budget. The common case is one
     thread hop; when the budget is spent, the wait happens on the event loop, not in a thread."""
-    budget = rt.decode_budget
+    budget, s = rt.decode_budget, rt.settings
 
     def finish(img: Image.Image) -> T:
         return prepare(load_rgb(img))
 
     def start() -> T | _Waiting:
-        img = open_image(blob, rt.settings.max_image_pixels)
-        pixels = spent.add(img)
+        img = open_image(_read(upload, s.max_upload_bytes), s.max_image_pixels)
+        pixels = img.width * img.height
         if not budget.try_acquire(pixels):
             return _Waiting(img, pixels)
         try:
