@@ -129,6 +129,8 @@ class RequestGuard:
             return
         refusal = self.refusal(scope)
         if refusal is not None:
+            # Close the connection: a body sent after the refusal is not even drained.
+            refusal.headers["Connection"] = "close"
             await refusal(scope, receive, send)
             return
         await self.app(scope, receive, send)
