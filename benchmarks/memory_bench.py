@@ -59,6 +59,8 @@ def small_jpeg(seed: int) -> bytes:
     return out.getvalue()
 
 
+# --smoke: one decoded huge image, one refused request, the small-JPEG batch (seconds, not minutes)
+SMOKE_SHAPES = ("one_huge_png", "64_huge_png", "64_small_jpegs")
 MAX_SIDE = 6324  # 6324^2 = 39,992,976 <= DINO_MAX_IMAGE_PIXELS (40,000,000)
 # name -> (description, files per request, concurrent requests, body maker)
 SHAPES: dict[str, tuple[str, int, int, Callable[[], bytes]]] = {
@@ -147,11 +149,12 @@ def run(mode: Mode, threads: int, so_far: dict, shapes: list[str] | None = None)
     """The memory section: every shape against one server with the default limits."""
     spec = spec_for("vit_tiny", smoke=True)  # memory per request does not depend on the model
     folder = model_dir(spec, mode.cache)
-    names = shapes or list(SHAPES)
+    names = shapes or (list(SMOKE_SHAPES) if mode.smoke else list(SHAPES))
     with (
         tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp,
         Server(folder.parent, folder.name, Path(tmp) / "data", threads) as server,
     ):
+        idle = _rss(server.proc.pid)["VmRSS"]
         rows = [measure(server, name) for name in names]
     from service.settings import Settings
 
@@ -167,7 +170,14 @@ def run(mode: Mode, threads: int, so_far: dict, shapes: list[str] | None = None)
             "max_request_bytes",
         )
     }
-    return {"model": spec.label, "limits": limits, "rows": rows}
+    return {
+        "model": spec.label,
+        "threads": threads,
+        "idle_rss_mb": round(idle, 1),
+        "worst_peak_rss_mb": max(r["peak_rss_mb"] for r in rows),
+        "limits": limits,
+        "rows": rows,
+    }
 
 
 def markdown(section: dict) -> list[str]:
@@ -176,6 +186,12 @@ def markdown(section: dict) -> list[str]:
         "Peak RSS of the server process (VmHWM, reset before each shape); limits: "
         + ", ".join(f"{k} {v:,}" for k, v in section["limits"].items() if v is not None)
     )
+    if "idle_rss_mb" in section:
+        lines.append(
+            f"Model {section['model']}, {section['threads']} threads; RSS when ready "
+            f"{section['idle_rss_mb']:.0f} MB; worst peak {section['worst_peak_rss_mb']:.0f} MB "
+            "(shapes run in order on one server: rss_before includes memory the allocator kept)."
+        )
     lines.append("")
     cols = ["shape", "description", "statuses", "upload_mb", "decoded_mpx"]
     lines += table(section["rows"], [*cols, "rss_before_mb", "peak_rss_mb", "peak_growth_mb"])
@@ -198,8 +214,9 @@ def main(argv: list[str] | None = None) -> dict:
         sys.exit(f"unknown shape(s) {unknown}; choose from {', '.join(SHAPES)}")
     result = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "command": "python -m benchmarks.memory_bench "
-        + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": " ".join(
+            ["python -m benchmarks.memory_bench", *(argv if argv is not None else sys.argv[1:])]
+        ),
         "machine": machine(),
         "memory": run(MODES["default"], args.threads, {}, shapes),
     }
