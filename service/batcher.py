@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 
 
 class Overloaded(RuntimeError):
-    """The queue is full; the client should retry after ``retry_after`` seconds."""
+    """The server is busy (queue full, or the decoding budget spent); the client should retry
+    after ``retry_after`` seconds (DINO_RETRY_AFTER_S)."""
 
     def __init__(self, message: str, retry_after: int) -> None:
         super().__init__(message)
