@@ -108,7 +108,9 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
-    def _budgets_fit(self) -> Settings:
+    def _consistent(self) -> Settings:
+        if self.allowed_hosts == []:  # DINO_ALLOWED_HOSTS="": the default, not "serve no one"
+            self.allowed_hosts = None
         if self.max_decode_pixels < self.max_image_pixels:
             raise ValueError(
                 f"DINO_MAX_DECODE_PIXELS ({self.max_decode_pixels}) must be at least "
