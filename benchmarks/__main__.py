@@ -1,4 +1,4 @@
-"""``python -m benchmarks [--quick | --smoke | --full] [--only engine,http,search,train]``.
+"""``python -m benchmarks [--quick | --smoke | --full] [--only engine,http,search,train,memory]``.
 
 Writes ``benchmarks/results/<date>-<cpu>.json`` and ``.md`` (``--out`` to change the folder).
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 from benchmarks.common import MODES, machine
 from benchmarks.report import result_stem, write_markdown
 
-SECTIONS = ("engine", "http", "search", "train")
+SECTIONS = ("engine", "http", "search", "train", "memory")
 RESULTS = Path(__file__).resolve().parent / "results"
 log = logging.getLogger("benchmarks")
 

@@ -147,7 +147,7 @@ async def metric_sanity(model_dir: Path) -> dict:
         async with app.router.lifespan_context(app):
             transport = httpx.ASGITransport(app=app)
             async with httpx.AsyncClient(
-                transport=transport, base_url="http://t", timeout=120
+                transport=transport, base_url="http://localhost", timeout=120
             ) as c:
 
                 async def dist(a: tuple, b: tuple) -> dict:

@@ -12,7 +12,7 @@ def result_stem(result: dict) -> str:
     cpu = re.sub(r"\(r\)|\(tm\)|cpu|@.*", "", result["machine"]["cpu"].lower())
     cpu = re.sub(r"[^a-z0-9]+", "-", cpu).strip("-") or "cpu"
     suffix = "" if result["mode"] in ("default", "full") else f"-{result['mode']}"
-    if result.get("sections") and len(result["sections"]) < 4:  # a partial run: don't overwrite
+    if result.get("sections") and len(result["sections"]) < 5:  # a partial run: don't overwrite
         suffix += "-" + "-".join(result["sections"])
     return f"{result['date'][:10]}-{cpu}{suffix}"
 
@@ -95,6 +95,12 @@ def _search(search: dict) -> list[str]:
     return lines
 
 
+def _memory(memory: dict) -> list[str]:
+    from benchmarks.memory_bench import markdown  # it imports this module
+
+    return markdown(memory)
+
+
 def _train(train: dict) -> list[str]:
     lines = ["## Training step throughput (one pre-made batch; file loading excluded)", ""]
     cols = ["recipe", "precision", "batch", "img_s", "x_fp32"]
@@ -112,7 +118,13 @@ def write_markdown(result: dict, path: Path) -> None:
         "Versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v),
         "",
     ]
-    renders = (("engine", _engine), ("http", _http), ("search", _search), ("train", _train))
+    renders = (
+        ("engine", _engine),
+        ("http", _http),
+        ("search", _search),
+        ("train", _train),
+        ("memory", _memory),
+    )
     for key, render in renders:
         if key in result and "error" in result[key]:
             lines += [f"## {key}", "", f"FAILED: {result[key]['error']}", ""]

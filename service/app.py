@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 
@@ -22,11 +22,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import routes_index, routes_model, routes_ops, routes_perceptual
 from service.batcher import Overloaded
+from service.guards import RequestGuard, leaf_routes
 from service.images import ImageError
 from service.index import DuplicateIdError, IndexStoreError, InvalidItemError
 from service.manifest import ArtifactError
 from service.metrics import Metrics
-from service.runtime import Runtime
+from service.runtime import NotReady, Runtime
 from service.settings import Settings, SettingsError
 
 log = logging.getLogger("service")
@@ -60,11 +61,22 @@ class AccessLog:
             route = scope.get("route")
             # Route templates, not raw paths, keep the label set small (/items/{item_id}).
             endpoint = getattr(route, "path", None) or "unmatched"
-            self.metrics.requests.inc(scope["method"], endpoint, str(status))
-            self.metrics.latency.observe(elapsed, scope["method"], endpoint)
+            self.metrics.request(scope["method"], endpoint, status, elapsed)
             access_log.info(
-                "%s %s %d %.1f ms", scope["method"], scope["path"], status, elapsed * 1000
+                "%s %s %d %.1f ms",
+                printable(scope["method"]),
+                printable(scope["path"]),
+                status,
+                elapsed * 1000,
             )
+
+
+def printable(text: str) -> str:
+    """``text`` with control and other non-printable characters escaped (``\\n``, ``\\x1b``):
+    the path is percent-decoded client input, and a raw newline in it would forge a log line."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
 
 
 class BodyLimit:
@@ -119,18 +131,10 @@ def _allowed_methods(request: Request) -> str:
     path (``Allow: POST`` on /items, though GET /items exists), which misleads clients."""
     scope = {**request.scope, "method": "\x00"}  # no route takes it: a path match is PARTIAL
     methods: set[str] = set()
-    for route in _leaf_routes(request.app.router.routes):
+    for route in leaf_routes(request.app.router.routes):
         if getattr(route, "methods", None) and route.matches(scope)[0] is Match.PARTIAL:
             methods |= set(route.methods)
     return ", ".join(sorted(methods))
-
-
-def _leaf_routes(routes: list) -> Iterator:
-    """Routes with methods, inside included routers too (FastAPI >= 0.160 wraps an included
-    router in one route; the routers here have no prefix, so their paths are the app's)."""
-    for route in routes:
-        inner = getattr(route, "original_router", None)
-        yield from _leaf_routes(inner.routes) if inner is not None else (route,)
 
 
 def _install_error_handlers(app: FastAPI, settings: Settings) -> None:
@@ -142,10 +146,15 @@ def _install_error_handlers(app: FastAPI, settings: Settings) -> None:
     async def overloaded(_: Request, exc: Overloaded) -> JSONResponse:
         return _error(503, str(exc), {"Retry-After": str(exc.retry_after)})
 
+    @app.exception_handler(NotReady)
+    async def not_ready(_: Request, exc: NotReady) -> JSONResponse:
+        return _error(503, str(exc), {"Retry-After": str(settings.retry_after_s)})
+
     @app.exception_handler(IndexStoreError)
     async def store_unavailable(_: Request, exc: IndexStoreError) -> JSONResponse:
         log.error("index store error: %s", exc)
-        return _error(503, f"index unavailable: {exc}", {"Retry-After": "5"})
+        retry = str(settings.retry_after_s)
+        return _error(503, f"index unavailable: {exc}", {"Retry-After": retry})
 
     @app.exception_handler(DuplicateIdError)
     async def duplicate(_: Request, exc: DuplicateIdError) -> JSONResponse:
@@ -202,8 +211,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.runtime = runtime
+    # Added innermost first: AccessLog sees every response, RequestGuard refuses before
+    # BodyLimit or the routes read any of the body.
     app.add_middleware(BodyLimit, limit=settings.max_request_bytes)
-    app.add_middleware(AccessLog, metrics=runtime.metrics)  # outermost: sees every response
+    app.add_middleware(RequestGuard, settings=settings)
+    app.add_middleware(AccessLog, metrics=runtime.metrics)
     _install_error_handlers(app, settings)
     for module in (routes_model, routes_index, routes_ops, routes_perceptual):
         app.include_router(module.router)

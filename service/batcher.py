@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 
 
 class Overloaded(RuntimeError):
-    """The queue is full; the client should retry after ``retry_after`` seconds."""
+    """The server is busy (queue full, or the decoding budget spent); the client should retry
+    after ``retry_after`` seconds (DINO_RETRY_AFTER_S)."""
 
     def __init__(self, message: str, retry_after: int) -> None:
         super().__init__(message)
@@ -194,9 +195,9 @@ class MicroBatcher:
             return
         if self.metrics:
             kind = "embed" if outputs == ("embedding",) else "+".join(outputs)
-            self.metrics.batch_size.observe(len(batch), kind)
+            self.metrics.batch_size.labels(kind).observe(len(batch))
             self.metrics.inference.observe(time.perf_counter() - started)
-            self.metrics.images.inc(amount=len(batch))
+            self.metrics.images.inc(len(batch))
         for i, job in enumerate(batch):
             if not job.future.done():
                 job.future.set_result({name: result[name][i] for name in outputs})

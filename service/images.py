@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import io
 import logging
+import threading
+import time
 import warnings
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
+import anyio
 import numpy as np
 from PIL import Image, ImageOps
 
@@ -20,7 +23,6 @@ log = logging.getLogger(__name__)
 
 # Alpha is composited on white: the usual look of transparent product shots and logos.
 BACKGROUND = (255, 255, 255)
-ACCEPTED = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 _CHUNK = 1 << 16
 
 
@@ -89,8 +91,22 @@ async def read_upload(upload: _Readable, max_bytes: int) -> bytes:
     return b"".join(parts)
 
 
+def read_limited(file: BinaryIO, max_bytes: int) -> bytes:
+    """``file`` to its end, refused as soon as it passes ``max_bytes`` (blocking: a thread)."""
+    data = file.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise ImageTooLarge(f"file is larger than the limit of {max_bytes} bytes")
+    return data
+
+
 def decode_image(data: bytes, max_pixels: int) -> Image.Image:
     """Decode one image to RGB, honouring EXIF orientation; raise an ImageError otherwise."""
+    return load_rgb(open_image(data, max_pixels))
+
+
+def open_image(data: bytes, max_pixels: int) -> Image.Image:
+    """Parse the header only (no pixel decoded yet): the format is sniffed and the size checked
+    against ``max_pixels``. ``load_rgb`` decodes it."""
     if not data:
         raise UndecodableImage("empty file (0 bytes)")
     fmt = sniff_format(data)
@@ -105,30 +121,60 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data), formats=[fmt])
         width, height = img.size
-        if width <= 0 or height <= 0:
-            raise UndecodableImage(f"{fmt} header declares an empty image ({width}x{height})")
-        if width * height > max_pixels:
-            raise ImageTooLarge(
-                f"{width}x{height} = {width * height} pixels is over the limit of {max_pixels}"
-            )
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLarge(f"too many pixels: {exc}") from exc
+    except Exception as exc:
+        raise _decode_error(fmt, exc) from exc
+    if width <= 0 or height <= 0:
+        raise UndecodableImage(f"{fmt} header declares an empty image ({width}x{height})")
+    if width * height > max_pixels:
+        raise ImageTooLarge(
+            f"{width}x{height} = {width * height} pixels is over the limit of {max_pixels}"
+        )
+    return img
+
+
+def load_rgb(img: Image.Image) -> Image.Image:
+    """Decode an ``open_image`` result to 8-bit RGB (first frame, EXIF orientation applied)."""
+    fmt = img.format or "image"
+    try:
         img.seek(0)  # first frame of an animation or multi-page TIFF
         img.load()
-    except ImageError:
-        raise
     except Image.DecompressionBombError as exc:
         raise ImageTooLarge(f"too many pixels: {exc}") from exc
     except Exception as exc:  # Pillow raises many types on corrupt data; all are the client's
-        text = str(exc) or type(exc).__name__
-        if "truncated" in text.lower() or isinstance(exc, EOFError):
-            raise TruncatedImage(f"{fmt} file is truncated: {text}") from exc
-        raise UndecodableImage(f"cannot decode this {fmt} file: {text}") from exc
-    img = _orient(img)
+        raise _decode_error(fmt, exc) from exc
+    oriented = _orient(img)
+    if oriented is not img:
+        img.close()  # each step frees the step before: one or two full-size copies at a time
+    mode = oriented.mode
     try:
-        return to_rgb(img)
+        return _owned_to_rgb(oriented)
     except ImageError:
         raise
     except Exception as exc:
-        raise UnsupportedImageType(f"cannot convert colour mode {img.mode} to RGB: {exc}") from exc
+        raise UnsupportedImageType(f"cannot convert colour mode {mode} to RGB: {exc}") from exc
+
+
+def _owned_to_rgb(img: Image.Image) -> Image.Image:
+    """``to_rgb`` for an image this module owns: it is closed as soon as it is converted."""
+    if img.mode.startswith("I") or img.mode == "F":
+        values = np.asarray(img)
+        img.close()
+        grey = Image.fromarray(_scale_to_8bit(values))
+        del values
+        return grey.convert("RGB")
+    rgb = to_rgb(img)
+    if rgb is not img:
+        img.close()
+    return rgb
+
+
+def _decode_error(fmt: str, exc: Exception) -> ImageError:
+    text = str(exc) or type(exc).__name__
+    if "truncated" in text.lower() or isinstance(exc, EOFError):
+        return TruncatedImage(f"{fmt} file is truncated: {text}")
+    return UndecodableImage(f"cannot decode this {fmt} file: {text}")
 
 
 def _orient(img: Image.Image) -> Image.Image:
@@ -156,20 +202,35 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")  # L, 1, P, CMYK, YCbCr, ...
 
 
+# Rows of this many values at most are converted at a time: the float64 temporaries stay a few
+# MB whatever the image size (a 6000 x 6000 16-bit PNG as one float64 array was 288 MB).
+_BLOCK = 1 << 20
+# 16-bit value -> 8-bit, exactly rint(v * 255 / 65535) as the float64 formula gave.
+_U16_TO_U8 = np.rint(np.arange(65536, dtype=np.float64) * (255.0 / 65535.0)).astype(np.uint8)
+
+
 def _scale_to_8bit(arr: np.ndarray) -> np.ndarray:
     """16-bit (I;16*, or I within 0..65535) by the full 16-bit range; floats in 0..1 by 255;
-    anything else (negative or wider ranges) stretched over its own extent."""
-    values = arr.astype(np.float64)
-    if not values.size:
-        return values.astype(np.uint8)
-    low, high = float(values.min()), float(values.max())
+    anything else (negative or wider ranges) stretched over its own extent. Converted block by
+    block into one uint8 array: memory beyond the input is one byte per pixel."""
+    out = np.empty(arr.shape, np.uint8)
+    if not arr.size:
+        return out
+    low, high = float(arr.min()), float(arr.max())
+    lookup = arr.dtype.kind in "iu" and low >= 0 and high <= 65535
     if arr.dtype.kind == "f" and low >= 0.0 and high <= 1.0:
-        scaled = values * 255.0
-    elif arr.dtype.kind in "iu" and low >= 0 and high <= 65535:
-        scaled = values * (255.0 / 65535.0)
+        low, span = 0.0, 1.0  # (v - 0) / 1 * 255: the same float64 steps as before
     else:
-        scaled = (values - low) / ((high - low) or 1.0) * 255.0
-    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+        span = (high - low) or 1.0
+    flat_in, flat_out = arr.reshape(-1), out.reshape(-1)
+    for start in range(0, flat_in.size, _BLOCK):
+        block = flat_in[start : start + _BLOCK]
+        if lookup:
+            flat_out[start : start + _BLOCK] = _U16_TO_U8[block]
+        else:
+            values = (block.astype(np.float64) - low) / span * 255.0
+            flat_out[start : start + _BLOCK] = np.clip(np.rint(values), 0, 255)
+    return out
 
 
 def thumbnail_jpeg(img: Image.Image, side: int) -> bytes:
@@ -179,3 +240,44 @@ def thumbnail_jpeg(img: Image.Image, side: int) -> bytes:
     out = io.BytesIO()
     thumb.save(out, format="JPEG", quality=85)
     return out.getvalue()
+
+
+class PixelBudget:
+    """Pixels of the images being decoded at once, server-wide (thread-safe).
+
+    Decoding runs in worker threads, which take budget with ``try_acquire``; a request that
+    finds it spent waits on the event loop (``acquire``), never in a thread, and gives up with
+    ``BudgetBusy`` after ``wait_s``."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.used = 0
+        self._lock = threading.Lock()
+
+    def try_acquire(self, pixels: int) -> bool:
+        with self._lock:
+            if self.used + pixels > self.total:
+                return False
+            self.used += pixels
+            return True
+
+    def release(self, pixels: int) -> None:
+        with self._lock:
+            self.used -= pixels
+
+    async def acquire(self, pixels: int, wait_s: float) -> None:
+        deadline = time.monotonic() + wait_s
+        while not self.try_acquire(pixels):
+            if time.monotonic() >= deadline:
+                raise BudgetBusy(
+                    f"server busy: {self.used} of {self.total} pixels are being decoded "
+                    "(DINO_MAX_DECODE_PIXELS)"
+                )
+            await anyio.sleep(_POLL_S)
+
+
+class BudgetBusy(RuntimeError):
+    """The server-wide decoding budget stayed spent for the whole wait."""
+
+
+_POLL_S = 0.01

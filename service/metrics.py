@@ -1,162 +1,106 @@
-"""A minimal Prometheus text-format registry (counters, gauges, histograms).
+"""The server's Prometheus metrics, through ``prometheus_client``.
 
-Small enough to own instead of adding a dependency to the torch-free install; it writes the
-text exposition format 0.0.4 that Prometheus scrapes.
+Each ``Metrics`` has its own registry (tests run several apps in one process); the names and
+label sets are part of the contract (dashboards read them). Gauges read live objects at scrape
+time; one whose source is not ready yet (the index while it opens) has no sample.
 """
 
 from __future__ import annotations
 
-import bisect
-import math
-import threading
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator
 
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-LabelValues = tuple[str, ...]
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+from prometheus_client.registry import Collector
 
-
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def _labels(names: Sequence[str], values: Sequence[str], extra: str = "") -> str:
-    parts = [f'{n}="{_escape(v)}"' for n, v in zip(names, values, strict=True)]
-    if extra:
-        parts.append(extra)
-    return "{" + ",".join(parts) + "}" if parts else ""
-
-
-def _num(value: float) -> str:
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    return repr(float(value)) if not float(value).is_integer() else str(int(value))
-
-
-class _Metric:
-    kind = ""
-
-    def __init__(self, name: str, help_text: str, labels: Sequence[str] = ()) -> None:
-        self.name, self.help, self.label_names = name, help_text, tuple(labels)
-        self._lock = threading.Lock()
-
-    def header(self) -> list[str]:
-        return [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} {self.kind}"]
-
-
-class Counter(_Metric):
-    kind = "counter"
-
-    def __init__(self, name: str, help_text: str, labels: Sequence[str] = ()) -> None:
-        super().__init__(name, help_text, labels)
-        self.values: dict[LabelValues, float] = {}
-
-    def inc(self, *labels: str, amount: float = 1.0) -> None:
-        with self._lock:
-            self.values[labels] = self.values.get(labels, 0.0) + amount
-
-    def render(self) -> list[str]:
-        lines = self.header()
-        for key, value in sorted(self.values.items()):
-            lines.append(f"{self.name}{_labels(self.label_names, key)} {_num(value)}")
-        return lines
-
-
-class Gauge(_Metric):
-    """A value read at scrape time from a callback (queue depth, index size)."""
-
-    kind = "gauge"
-
-    def __init__(self, name: str, help_text: str, read: Callable[[], float]) -> None:
-        super().__init__(name, help_text)
-        self.read = read
-
-    def render(self) -> list[str]:
-        try:
-            value = float(self.read())
-        except Exception:  # a gauge whose source is not ready yet is simply absent
-            return self.header()
-        return [*self.header(), f"{self.name} {_num(value)}"]
-
-
-class Histogram(_Metric):
-    kind = "histogram"
-
-    def __init__(
-        self, name: str, help_text: str, buckets: Sequence[float], labels: Sequence[str] = ()
-    ) -> None:
-        super().__init__(name, help_text, labels)
-        self.bounds = sorted(buckets)
-        self.series: dict[LabelValues, list[float]] = {}  # per-bucket counts, then sum, count
-
-    def observe(self, value: float, *labels: str) -> None:
-        with self._lock:
-            row = self.series.setdefault(labels, [0.0] * (len(self.bounds) + 2))
-            slot = bisect.bisect_left(self.bounds, value)
-            if slot < len(self.bounds):  # above the last bound: only +Inf (the count) holds it
-                row[slot] += 1
-            row[-2] += value
-            row[-1] += 1
-
-    def count(self, *labels: str) -> int:
-        return int(self.series.get(labels, [0.0])[-1])
-
-    def render(self) -> list[str]:
-        lines = self.header()
-        for key, row in sorted(self.series.items()):
-            cumulative = 0.0
-            for bound, count in zip(self.bounds, row, strict=False):
-                cumulative += count
-                le = _labels(self.label_names, key, f'le="{_num(bound)}"')
-                lines.append(f"{self.name}_bucket{le} {_num(cumulative)}")
-            inf = _labels(self.label_names, key, 'le="+Inf"')
-            lines.append(f"{self.name}_bucket{inf} {_num(row[-1])}")
-            lines.append(f"{self.name}_sum{_labels(self.label_names, key)} {_num(row[-2])}")
-            lines.append(f"{self.name}_count{_labels(self.label_names, key)} {_num(row[-1])}")
-        return lines
-
-
+# No ``*_created`` series: they doubled the output, and the hand-written registry this replaced
+# never had them (process-wide, but this process is the server).
+disable_created_metrics()
+# The text format 0.0.4, as scraped since the first release.
+CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+# Method tokens are client-chosen: anything else is counted as "other", so made-up methods
+# cannot grow the label set (and /metrics) without bound.
+KNOWN_METHODS = frozenset(
+    ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT")
+)
+
+
+def method_label(method: str) -> str:
+    return method if method in KNOWN_METHODS else "other"
+
+
+class _CallbackGauges(Collector):
+    """Gauges read from callbacks at scrape time; a callback that raises gives no sample."""
+
+    def __init__(self) -> None:
+        self.gauges: list[tuple[str, str, Callable[[], float]]] = []
+
+    def collect(self) -> Iterator[Metric]:
+        for name, help_text, read in self.gauges:
+            family = GaugeMetricFamily(name, help_text)
+            # A source not ready yet (the index while it opens) gives the header only.
+            with contextlib.suppress(Exception):
+                family.add_metric([], float(read()))
+            yield family
 
 
 class Metrics:
     """The server's metrics; gauges are bound to live objects once the app has started."""
 
     def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
         self.requests = Counter(
             "dino_http_requests_total",
             "HTTP requests by method, endpoint and status",
             ("method", "endpoint", "status"),
+            registry=r,
         )
         self.latency = Histogram(
             "dino_http_request_duration_seconds",
             "HTTP request latency by method and endpoint",
-            LATENCY_BUCKETS,
             ("method", "endpoint"),
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.batch_size = Histogram(
-            "dino_batch_size", "images per inference call", BATCH_BUCKETS, ("kind",)
+            "dino_batch_size",
+            "images per inference call",
+            ("kind",),
+            buckets=BATCH_BUCKETS,
+            registry=r,
         )
         self.inference = Histogram(
-            "dino_inference_seconds", "time in the model per inference call", LATENCY_BUCKETS
+            "dino_inference_seconds",
+            "time in the model per inference call",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
-        self.images = Counter("dino_images_total", "images run through the model")
-        self.rejected = Counter("dino_queue_rejections_total", "requests refused: queue full")
-        self.gauges: list[Gauge] = []
+        self.images = Counter("dino_images_total", "images run through the model", registry=r)
+        self.rejected = Counter(
+            "dino_queue_rejections_total", "requests refused: queue full", registry=r
+        )
+        self._gauges = _CallbackGauges()
+        r.register(self._gauges)
 
     def gauge(self, name: str, help_text: str, read: Callable[[], float]) -> None:
-        self.gauges.append(Gauge(name, help_text, read))
+        self._gauges.gauges.append((name, help_text, read))
+
+    def request(self, method: str, endpoint: str, status: int, seconds: float) -> None:
+        """Count one HTTP request and its latency (unknown methods as ``other``)."""
+        method = method_label(method)
+        self.requests.labels(method, endpoint, str(status)).inc()
+        self.latency.labels(method, endpoint).observe(seconds)
 
     def render(self) -> str:
-        lines: list[str] = []
-        for metric in (
-            self.requests,
-            self.latency,
-            self.batch_size,
-            self.inference,
-            self.images,
-            self.rejected,
-            *self.gauges,
-        ):
-            lines.extend(metric.render())
-        return "\n".join(lines) + "\n"
+        return generate_latest(self.registry).decode()

@@ -41,9 +41,8 @@ def _check_k(rt: Runtime, k: int | None) -> int:
 
 
 def _results(rt: Runtime, hits: list[Hit]) -> SimilarResponse:
-    assert rt.manifest is not None
     results = [SimilarResult(id=i, score=float(s), metadata=m) for i, s, m in hits]
-    return SimilarResponse(model=rt.manifest.name, results=results)
+    return SimilarResponse(model=rt.loaded_manifest().name, results=results)
 
 
 @router.get(
@@ -56,8 +55,7 @@ async def similar_by_id(
     rt: RuntimeDep, id: Annotated[str, Query(min_length=1)], k: KQuery = None
 ) -> SimilarResponse:
     k = _check_k(rt, k)
-    store = rt.store
-    assert store is not None
+    store = rt.open_index()
     hits = await anyio.to_thread.run_sync(store.similar, id, k)
     if hits is None:
         raise HTTPException(404, f"no item with id {id!r} in the index")
@@ -76,9 +74,8 @@ async def similar_by_image(
     k: Annotated[int | None, Form(ge=1, description=K_HELP)] = None,
 ) -> SimilarResponse:
     k = _check_k(rt, k)
-    manifest, store, batcher = rt.manifest, rt.store, rt.batcher
-    assert manifest is not None and store is not None and batcher is not None
-    ((_, pixels),) = await read_images(rt, [image], lambda img: eval_pixels(img, manifest))
+    (manifest, batcher), store = rt.model_parts(), rt.open_index()
+    (pixels,) = await read_images(rt, [image], lambda img: eval_pixels(img, manifest))
     vector = l2_normalise((await batcher.infer([pixels], ("embedding",)))["embedding"])[0]
     hits = await anyio.to_thread.run_sync(store.search, vector, k)
     return _results(rt, hits[0])
@@ -145,20 +142,19 @@ async def add_items(
         str | None, Form(description="JSON object for every image, or array of one per image")
     ] = None,
 ) -> ItemsAdded:
-    manifest, store, batcher = rt.manifest, rt.store, rt.batcher
-    assert manifest is not None and store is not None and batcher is not None
+    (manifest, batcher), store = rt.model_parts(), rt.open_index()
     given_ids = _parse_ids(ids, len(images))
     metas = _parse_metadata(metadata, len(images))
     side = rt.settings.thumbnail_side
     loaded = await read_images(
         rt, images, lambda img: (eval_pixels(img, manifest), thumbnail_jpeg(img, side))
     )
-    out = await batcher.infer([px for _, (px, _) in loaded], ("embedding",))
+    out = await batcher.infer([px for px, _ in loaded], ("embedding",))
     vectors = l2_normalise(out["embedding"])
     # Only the file's own name, as a label: a client never names a server path (rebuild never
     # opens sources without a root, and answers never show more than this name).
     sources = [shown_source(upload.filename or None, None) for upload in images]
-    thumbs = [thumb for _, (_, thumb) in loaded]
+    thumbs = [thumb for _, thumb in loaded]
     added = await anyio.to_thread.run_sync(
         lambda: store.add(
             vectors, ids=given_ids, metadata=metas, sources=sources, thumbnails=thumbs
@@ -178,8 +174,7 @@ async def list_items(
     offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 50,
 ) -> ItemList:
-    store = rt.store
-    assert store is not None
+    store = rt.open_index()
     items, total = await anyio.to_thread.run_sync(store.list_items, offset, limit)
     return ItemList(items=[Item(**item.to_dict()) for item in items], total=total, offset=offset)
 
@@ -191,8 +186,7 @@ async def list_items(
     summary="One item's metadata",
 )
 async def get_item(rt: RuntimeDep, item_id: str) -> Item:
-    store = rt.store
-    assert store is not None
+    store = rt.open_index()
     item = await anyio.to_thread.run_sync(store.get, item_id)
     if item is None:
         raise HTTPException(404, f"no item with id {item_id!r} in the index")
@@ -209,8 +203,7 @@ async def get_item(rt: RuntimeDep, item_id: str) -> Item:
     summary="The item's stored JPEG thumbnail",
 )
 async def get_thumbnail(rt: RuntimeDep, item_id: str) -> Response:
-    store = rt.store
-    assert store is not None
+    store = rt.open_index()
     data = await anyio.to_thread.run_sync(store.thumbnail, item_id)
     if data is None:
         raise HTTPException(404, f"no thumbnail for {item_id!r} (unknown id, or added without)")
@@ -226,8 +219,7 @@ async def get_thumbnail(rt: RuntimeDep, item_id: str) -> Response:
     summary="Delete an item (durable once the response is sent)",
 )
 async def delete_item(rt: RuntimeDep, item_id: str) -> Response:
-    store = rt.store
-    assert store is not None
+    store = rt.open_index()
     if not await anyio.to_thread.run_sync(store.delete, item_id):
         raise HTTPException(404, f"no item with id {item_id!r} in the index")
     return Response(status_code=204)
@@ -240,6 +232,7 @@ async def delete_item(rt: RuntimeDep, item_id: str) -> Response:
     summary="Index statistics",
 )
 async def index_stats(rt: RuntimeDep) -> dict[str, Any]:
-    store = rt.store
-    assert store is not None
-    return await anyio.to_thread.run_sync(store.stats)
+    store = rt.open_index()
+    stats = await anyio.to_thread.run_sync(store.stats)
+    stats.pop("data_dir", None)  # a server path: not the client's business
+    return stats

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import re
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from fastapi import APIRouter, File, Form, HTTPException, UploadFile
@@ -29,10 +30,9 @@ async def embed(
     images: Annotated[list[UploadFile], File(description="1..N image files")],
     normalize: Annotated[bool, Form(description="L2-normalise each embedding")] = True,
 ) -> EmbedResponse:
-    manifest = rt.manifest
-    assert manifest is not None and rt.batcher is not None
-    loaded = await read_images(rt, images, lambda img: eval_pixels(img, manifest))
-    out = await rt.batcher.infer([px for _, px in loaded], ("embedding",))
+    manifest, batcher = rt.model_parts()
+    pixels = await read_images(rt, images, lambda img: eval_pixels(img, manifest))
+    out = await batcher.infer(pixels, ("embedding",))
     rows = out["embedding"]
     if normalize:
         rows = l2_normalise(rows)
@@ -64,8 +64,7 @@ async def attention(
         int | None, Form(ge=0, description="png only: draw this head instead of the mean")
     ] = None,
 ) -> AttentionResponse | Response:
-    manifest = rt.manifest
-    assert manifest is not None and rt.batcher is not None
+    manifest, batcher = rt.model_parts()
     if not manifest.has_attention:
         raise HTTPException(
             409, f"model {manifest.name!r} ({manifest.arch}) has no attention maps; serve a ViT"
@@ -74,10 +73,10 @@ async def attention(
     if head is not None and head >= heads:
         raise HTTPException(422, f"head must be within 0..{heads - 1} for this model")
     max_side = rt.attention_max_side
-    ((_, prepared),) = await read_images(
+    (prepared,) = await read_images(
         rt, [image], lambda img: attention_pixels(img, manifest, max_side)
     )
-    out = await rt.batcher.infer([prepared.pixels], ("attention",))
+    out = await batcher.infer([prepared.pixels], ("attention",))
     maps = patch_maps(out["attention"][0], prepared.grid)
     patch = manifest.patch_size or 1
     if format == "png":
@@ -98,12 +97,44 @@ async def attention(
     )
 
 
-@router.get("/models", response_model=ModelInfo, summary="The loaded model's manifest")
+@router.get(
+    "/models",
+    response_model=ModelInfo,
+    summary="The loaded model's manifest (filesystem paths of its training run left out)",
+)
 async def models(rt: ModelRuntimeDep) -> ModelInfo:
-    assert rt.manifest is not None
+    manifest = rt.loaded_manifest()
+    info = manifest.model_dump()
+    info["provenance"]["training_config"] = without_paths(info["provenance"]["training_config"])
+    info["knn"] = without_paths(info["knn"])
     return ModelInfo(
-        **rt.manifest.model_dump(),
+        **info,
         variant=rt.settings.model_variant,
         served_file=rt.served_file,
-        sha256=rt.manifest.model_sha256,
+        sha256=manifest.model_sha256,
+    )
+
+
+# Keys of a training configuration that name files or folders (the project's own and DINO's).
+PATH_KEYS = re.compile(r"(^|_)(dir|path|file|root|data|resume|checkpoint|output)s?$", re.I)
+
+
+def without_paths(value: Any) -> Any:
+    """A config with every filesystem path left out: keys that name one (``data``,
+    ``*_dir``, ``output_dir``, ``resume``...) and any string value that looks like a path.
+    The hyper-parameters stay; where the server's files live is nobody's business."""
+    if isinstance(value, dict):
+        return {
+            k: without_paths(v)
+            for k, v in value.items()
+            if not (PATH_KEYS.search(str(k)) and isinstance(v, str | None)) and not _pathy(v)
+        }
+    if isinstance(value, list):
+        return [without_paths(v) for v in value if not _pathy(v)]
+    return value
+
+
+def _pathy(value: Any) -> bool:
+    return isinstance(value, str) and (
+        "/" in value or "\\" in value or value.startswith("~") or value in (".", "..")
     )

@@ -33,7 +33,8 @@ async def readyz(request: Request) -> Readiness | JSONResponse:
         )
         model = rt.manifest.name if rt.manifest else None
         body = Readiness(ready=False, model=model, detail=detail)
-        return JSONResponse(body.model_dump(), status_code=503, headers={"Retry-After": "1"})
+        retry = {"Retry-After": str(rt.settings.retry_after_s)}
+        return JSONResponse(body.model_dump(), status_code=503, headers=retry)
     return Readiness(ready=True, model=rt.manifest.name, index_size=rt.index_size())
 
 

@@ -37,7 +37,7 @@ from pydantic import BaseModel, Field
 from service.manifest import LAYER_TOKENS, MODEL_FILE, Manifest, sha256_file
 from service.preprocess import attention_pixels, eval_pixels, normalise
 from service.routes_common import ModelRuntimeDep, read_images
-from service.runtime import Runtime
+from service.runtime import NotReady, Runtime
 from service.schemas import error_responses
 
 log = logging.getLogger(__name__)
@@ -83,13 +83,12 @@ def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 async def layer_distance(rt: Runtime, px: list[np.ndarray]) -> tuple[float, list[str]]:
     """Patch-token distance of two prepared images: the mean over the exported blocks of the
     mean over patches of ``1 - cos``, with the block names; ``["last"]`` on older artifacts."""
-    manifest = rt.manifest
-    assert manifest is not None and rt.batcher is not None
+    manifest, batcher = rt.model_parts()
     if manifest.has_layer_tokens and manifest.token_layers:
-        tok = (await rt.batcher.infer(px, (LAYER_TOKENS,)))[LAYER_TOKENS]  # [2, L, N, D]
+        tok = (await batcher.infer(px, (LAYER_TOKENS,)))[LAYER_TOKENS]  # [2, L, N, D]
         per_layer = (1.0 - cosine_rows(tok[0], tok[1])).mean(axis=-1)  # [L]
         return float(per_layer.mean()), [str(i) for i in manifest.token_layers]
-    tok = (await rt.batcher.infer(px, ("patch_tokens",)))["patch_tokens"]
+    tok = (await batcher.infer(px, ("patch_tokens",)))["patch_tokens"]
     return float((1.0 - cosine_rows(tok[0], tok[1])).mean()), ["last"]
 
 
@@ -97,9 +96,8 @@ async def perceptual_distance(
     rt: Runtime, first: Image.Image, second: Image.Image
 ) -> DistanceResponse:
     """Both distances between two decoded RGB images on the served model."""
-    manifest = rt.manifest
-    assert manifest is not None and rt.batcher is not None
-    emb = await rt.batcher.infer(
+    manifest, batcher = rt.model_parts()
+    emb = await batcher.infer(
         [eval_pixels(first, manifest), eval_pixels(second, manifest)], ("embedding",)
     )
     e = emb["embedding"]
@@ -130,7 +128,7 @@ async def distance(
     image_a: Annotated[UploadFile, File(description="first image")],
     image_b: Annotated[UploadFile, File(description="second image")],
 ) -> DistanceResponse:
-    (a, _), (b, _) = await read_images(rt, [image_a, image_b], lambda img: None)
+    a, b = await read_images(rt, [image_a, image_b], lambda img: img)
     return await perceptual_distance(rt, a, b)
 
 
@@ -184,7 +182,8 @@ _decoders_lock = threading.Lock()
 
 def get_decoder(rt: Runtime) -> Decoder:
     """The served model's decoder, loaded once per process (re-checked when files change)."""
-    assert rt.model_dir is not None and rt.manifest is not None
+    if rt.model_dir is None or rt.manifest is None:
+        raise NotReady("not ready: the model is not loaded")
     key = str(rt.model_dir)
     with _decoders_lock:
         dec = _decoders.get(key)
@@ -229,18 +228,17 @@ async def reconstruct(
     image: Annotated[UploadFile, File(description="one image file")],
     side_by_side: Annotated[bool, Form(description="the input left of the reconstruction")] = False,
 ) -> Response:
-    manifest = rt.manifest
-    assert manifest is not None and rt.batcher is not None
+    manifest, batcher = rt.model_parts()
     if "patch_tokens" not in manifest.outputs:
         raise HTTPException(409, f"model {manifest.name!r} ({manifest.arch}) has no patch tokens")
     try:
         decoder = await anyio.to_thread.run_sync(get_decoder, rt)
     except DecoderUnavailable as exc:
         raise HTTPException(409, str(exc)) from None
-    ((_, prepared),) = await read_images(
+    (prepared,) = await read_images(
         rt, [image], lambda img: attention_pixels(img, manifest, rt.attention_max_side)
     )
-    tokens = (await rt.batcher.infer([prepared.pixels], ("patch_tokens",)))["patch_tokens"]
+    tokens = (await batcher.infer([prepared.pixels], ("patch_tokens",)))["patch_tokens"]
     h, w = prepared.grid
     grid = np.ascontiguousarray(tokens.reshape(1, h, w, -1).transpose(0, 3, 1, 2))
     out = await anyio.to_thread.run_sync(decoder.run, grid)

@@ -17,6 +17,7 @@ import anyio
 from service.batcher import MicroBatcher
 from service.engine import Engine, model_file
 from service.engines import open_engine
+from service.images import PixelBudget
 from service.index import (
     IndexModelMismatch,
     IndexStore,
@@ -33,6 +34,10 @@ log = logging.getLogger("service")
 LOCK_RETRY_S = 0.5
 
 
+class NotReady(RuntimeError):
+    """A part the request needs is not loaded (yet, or any more): answered as a 503."""
+
+
 @dataclass
 class Runtime:
     settings: Settings
@@ -46,18 +51,38 @@ class Runtime:
     ready: bool = False  # and the index is open: everything can answer
     index_error: str | None = None
     index_waiting: str | None = None  # another process holds the data dir: retrying
+    decode_budget: PixelBudget = field(init=False)
     _store_task: asyncio.Task | None = None
     _started: float = 0.0
 
+    def __post_init__(self) -> None:
+        self.decode_budget = PixelBudget(self.settings.max_decode_pixels)
+
+    # Real checks, not asserts: they must hold under ``python -O`` too.
+    def loaded_manifest(self) -> Manifest:
+        if self.manifest is None:
+            raise NotReady("not ready: the model is not loaded")
+        return self.manifest
+
+    def model_parts(self) -> tuple[Manifest, MicroBatcher]:
+        """The manifest and the batcher, or NotReady."""
+        if self.batcher is None:
+            raise NotReady("not ready: the model is not loaded")
+        return self.loaded_manifest(), self.batcher
+
+    def open_index(self) -> IndexStore:
+        """The index store, or NotReady."""
+        if self.store is None:
+            raise NotReady("not ready: the index is not open")
+        return self.store
+
     @property
     def attention_max_side(self) -> int:
-        assert self.manifest is not None
-        return attention_max_side(self.settings, self.manifest.patch_size or 16)
+        return attention_max_side(self.settings, self.loaded_manifest().patch_size or 16)
 
     @property
     def served_file(self) -> str:
-        assert self.manifest is not None
-        return model_file(self.manifest, self.settings.model_variant)
+        return model_file(self.loaded_manifest(), self.settings.model_variant)
 
     async def start(self) -> None:
         """Load the model and check the index belongs to it (raising, so the process stops,
@@ -99,19 +124,19 @@ class Runtime:
 
     def _check_index_model(self) -> None:
         """Refuse, before any replay, a data dir whose vectors come from another model."""
-        assert self.manifest is not None
+        manifest = self.loaded_manifest()
         try:
             info = read_info(self.settings.data_dir)
         except IndexStoreError:
             return  # no index yet: it will be created for this model
         sha, dim = info.get("model_sha256"), info.get("dim")
-        if sha is None or (sha == self.manifest.model_sha256 and dim == self.manifest.embed_dim):
+        if sha is None or (sha == manifest.model_sha256 and dim == manifest.embed_dim):
             return
         built_by = info.get("model_name") or "an unnamed model"
         raise IndexModelMismatch(
             f"the index in {self.settings.data_dir} was built by model {built_by!r} (sha256 "
-            f"{sha[:12]}, dim {dim}), but DINO_MODEL serves {self.manifest.name!r} (sha256 "
-            f"{self.manifest.model_sha256[:12]}, dim {self.manifest.embed_dim}); their vectors "
+            f"{sha[:12]}, dim {dim}), but DINO_MODEL serves {manifest.name!r} (sha256 "
+            f"{manifest.model_sha256[:12]}, dim {manifest.embed_dim}); their vectors "
             f"cannot be compared. Re-embed the items with this model: "
             f"`{rebuild_command(self.settings.data_dir)}`, point DINO_DATA_DIR elsewhere, "
             "or serve the model that built it."
@@ -154,13 +179,13 @@ class Runtime:
                 await anyio.sleep(0.01)
 
     def _open_store(self) -> IndexStore:
-        assert self.manifest is not None
+        manifest = self.loaded_manifest()
         return IndexStore.open(
             self.settings.data_dir,
-            model_sha256=self.manifest.model_sha256,
-            dim=self.manifest.embed_dim,
+            model_sha256=manifest.model_sha256,
+            dim=manifest.embed_dim,
             index_type=self.settings.index_type,
-            model_name=self.manifest.name,
+            model_name=manifest.name,
             **self.settings.index_params,
         )
 

@@ -94,6 +94,6 @@ def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
         413: "too many bytes or pixels",
         415: "not an accepted image type (JPEG, PNG, WebP, GIF, BMP, TIFF)",
         422: "invalid parameters",
-        503: "busy (queue full, see Retry-After) or not ready",
+        503: "busy (queue full or decoding budget spent, see Retry-After) or not ready",
     }
     return {code: {"model": ErrorResponse, "description": text[code]} for code in codes}

@@ -1,19 +1,23 @@
 """Server settings from ``DINO_*`` environment variables (pydantic-settings).
 
 The names are part of the contract (CHANGELOG.md). Every default is documented here and in
-docs/serving.md; change one, change both.
+docs/serving.md (the security-related ones in docs/security.md); change one, change both.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from service.manifest import MANIFEST_NAME
+
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
+WILDCARD_BINDS = ("", "0.0.0.0", "::")
 
 
 class SettingsError(ValueError):
@@ -47,6 +51,16 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     api_token: str | None = Field(None, description="when set, mutating endpoints need a bearer")
+    allowed_hosts: Annotated[list[str] | None, NoDecode] = Field(
+        None,
+        description='Host header names served (JSON list or comma list; "*": any); default: '
+        "127.0.0.1, localhost, ::1 and DINO_HOST when it names one address",
+    )
+    allowed_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="browser origins (scheme://host[:port]) allowed to POST/DELETE besides the "
+        'server\'s own; "*": any',
+    )
     threads: int = Field(
         default_factory=_cores, ge=1, description="inference threads (onnxruntime intra-op)"
     )
@@ -61,6 +75,15 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1, description="bytes per image file")
     max_request_bytes: int = Field(64 * 1024 * 1024, ge=1, description="bytes per request body")
     max_image_pixels: int = Field(40_000_000, ge=1, description="width*height per image")
+    max_request_pixels: int = Field(
+        256_000_000, ge=1, description="width*height summed over the images of one request"
+    )
+    max_decode_pixels: int = Field(
+        80_000_000,
+        ge=1,
+        description="width*height of the images being decoded at once, whole server; at least "
+        "DINO_MAX_IMAGE_PIXELS",
+    )
     max_images_per_request: int = Field(64, ge=1)
     max_k: int = Field(100, ge=1, description="largest k for /similar")
     attention_max_side: int = Field(
@@ -72,7 +95,37 @@ class Settings(BaseSettings):
         description='JSON, e.g. {"ef_search": 128} (hnsw) or {"nlist": 4096, "nprobe": 32} (ivf)',
     )
     thumbnail_side: int = Field(128, ge=16, le=512, description="stored JPEG thumbnail size")
-    retry_after_s: int = Field(1, ge=1, description="Retry-After on 503")
+    retry_after_s: int = Field(1, ge=1, description="Retry-After on every 503")
+
+    @field_validator("allowed_hosts", "allowed_origins", mode="before")
+    @classmethod
+    def _comma_list(cls, value: object) -> object:
+        """A JSON list, or the simpler ``a,b``."""
+        if isinstance(value, str):
+            if value.lstrip().startswith("["):
+                return json.loads(value)
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if self.allowed_hosts == []:  # DINO_ALLOWED_HOSTS="": the default, not "serve no one"
+            self.allowed_hosts = None
+        if self.max_decode_pixels < self.max_image_pixels:
+            raise ValueError(
+                f"DINO_MAX_DECODE_PIXELS ({self.max_decode_pixels}) must be at least "
+                f"DINO_MAX_IMAGE_PIXELS ({self.max_image_pixels}): a largest image could never "
+                "be decoded"
+            )
+        return self
+
+    def host_names(self) -> tuple[str, ...]:
+        """The Host header names served: DINO_ALLOWED_HOSTS, or loopback plus DINO_HOST."""
+        if self.allowed_hosts is not None:
+            return tuple(h.lower() for h in self.allowed_hosts)
+        bound = self.host.strip("[]").lower()
+        extra = () if bound in WILDCARD_BINDS else (bound,)
+        return tuple(dict.fromkeys((*LOOPBACK_NAMES, *extra)))
 
 
 def find_model_dir(settings: Settings) -> Path:

@@ -225,7 +225,7 @@ async def test_model_endpoints_work_while_the_index_cannot_open(tiny_vit_dir, tm
         with pytest.raises(IndexStoreError, match="cannot open the index"):
             await app.state.runtime.wait_ready(timeout=30)
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
             ready = await client.get("/readyz")
             similar = await client.get("/similar", params={"id": "x"})
             embed = await client.post("/embed", files=files([photo_bytes(0)]))

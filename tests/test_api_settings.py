@@ -64,3 +64,16 @@ async def test_index_parameters_come_from_the_environment(monkeypatch, tiny_vit_
     monkeypatch.setenv("DINO_INDEX_PARAMS", "not json")
     with pytest.raises(ValueError, match="index_params"):
         Settings()
+
+
+def test_host_and_origin_lists_and_decoding_budgets_from_the_environment(monkeypatch):
+    monkeypatch.setenv("DINO_ALLOWED_HOSTS", "api.example, *.lan")
+    monkeypatch.setenv("DINO_ALLOWED_ORIGINS", '["https://app.example"]')
+    s = Settings()
+    assert s.host_names() == ("api.example", "*.lan")
+    assert s.allowed_origins == ["https://app.example"]
+    monkeypatch.setenv("DINO_ALLOWED_HOSTS", "")
+    assert Settings().host_names() == ("127.0.0.1", "localhost", "::1")
+    monkeypatch.setenv("DINO_MAX_DECODE_PIXELS", "1000")
+    with pytest.raises(ValueError, match="DINO_MAX_DECODE_PIXELS .* DINO_MAX_IMAGE_PIXELS"):
+        Settings()

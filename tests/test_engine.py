@@ -8,6 +8,7 @@ import threading
 import numpy as np
 import onnxruntime as ort
 import pytest
+from service_helpers import metric_value
 
 from service.batcher import MicroBatcher, Overloaded
 from service.engine import OrtEngine, l2_normalise, load_engine, model_file
@@ -96,7 +97,9 @@ def test_concurrent_callers_are_batched_and_get_their_own_rows(engine, tiny_vit_
     assert sum(recorder.sizes) == 8 and max(recorder.sizes) == 4  # capped at max_batch
     assert len(recorder.sizes) < 8
     assert threading.main_thread().name not in recorder.threads  # off the event loop
-    assert metrics.batch_size.count("embed") == len(recorder.sizes)
+    assert metric_value(metrics.render(), "dino_batch_size_count", kind="embed") == len(
+        recorder.sizes
+    )
 
 
 def test_only_same_shapes_and_outputs_batch_together(engine, tiny_vit_dir):

@@ -77,6 +77,13 @@ def test_http_and_train_sections(tmp_path):
 
 
 @pytest.mark.slow
+def test_memory_section(tmp_path):
+    rows = {r["shape"]: r for r in run_smoke(tmp_path, "memory")["memory"]["rows"]}
+    assert rows["one_huge_png"]["statuses"] == "200" and rows["64_huge_png"]["statuses"] == "413"
+    assert all(r["peak_rss_mb"] >= r["rss_before_mb"] > 0 for r in rows.values())
+
+
+@pytest.mark.slow
 def test_server_variants_measure_every_variant(tmp_path):
     pytest.importorskip("openvino")
     env = {**os.environ, "DINO_BENCH_CACHE": str(tmp_path / "cache")}

@@ -27,7 +27,8 @@ SCRIPT = textwrap.dedent(
         app = create_app(Settings(models_dir=sys.argv[1], data_dir=sys.argv[2], threads=1))
         async with app.router.lifespan_context(app):
             transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            url = "http://localhost"  # a Host the default DINO_ALLOWED_HOSTS serves
+            async with httpx.AsyncClient(transport=transport, base_url=url) as client:
                 health = await client.get("/healthz")
                 assert health.status_code == 200, health.text
                 blob = io.BytesIO()
