@@ -72,7 +72,7 @@ def _speed(
 
 
 def _accuracy(spec: ModelSpec, folder: Path, fns: dict[str, Embed], mode: Mode) -> list[dict]:
-    from service.manifest import load_manifest
+    from artifact import load_manifest
     from service.preprocess import eval_pixels
 
     manifest = load_manifest(folder)

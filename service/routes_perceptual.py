@@ -34,7 +34,7 @@ from fastapi.responses import Response
 from PIL import Image
 from pydantic import BaseModel, Field
 
-from service.manifest import LAYER_TOKENS, MODEL_FILE, Manifest, sha256_file
+from artifact import LAYER_TOKENS, MODEL_FILE, Manifest, sha256_file
 from service.preprocess import attention_pixels, eval_pixels, normalise
 from service.routes_common import ModelRuntimeDep, read_images
 from service.runtime import Runtime

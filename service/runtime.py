@@ -14,9 +14,9 @@ from pathlib import Path
 
 import anyio
 
+from artifact import Manifest, load_manifest
 from service.batcher import MicroBatcher
-from service.engine import Engine, model_file
-from service.engines import open_engine
+from service.engine_choice import Engine, model_file, open_engine
 from service.index import (
     IndexModelMismatch,
     IndexStore,
@@ -24,7 +24,6 @@ from service.index import (
     read_info,
     rebuild_command,
 )
-from service.manifest import Manifest, load_manifest
 from service.metrics import Metrics
 from service.settings import Settings, attention_max_side, find_model_dir
 

@@ -13,7 +13,7 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from service.manifest import MANIFEST_NAME
+from artifact import MANIFEST_NAME
 
 
 class SettingsError(ValueError):

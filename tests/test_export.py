@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from service.manifest import INT8_FILE, MANIFEST_NAME, MODEL_FILE, load_manifest, sha256_file
+from artifact import INT8_FILE, MANIFEST_NAME, MODEL_FILE, load_manifest, sha256_file
 from training.augment import IMAGENET_MEAN, IMAGENET_STD
 from training.backbones import build_backbone
 from training.export import export_backbone, knn_eval_sizes, main
@@ -32,7 +32,7 @@ import json
 from pathlib import Path
 import numpy as np
 import onnxruntime as ort
-from service.manifest import INPUT_NAME, MODEL_FILE, load_manifest
+from artifact import INPUT_NAME, MODEL_FILE, load_manifest
 for job in json.loads(sys.argv[1]):
     model_dir = Path(job["model_dir"])
     manifest = load_manifest(model_dir)

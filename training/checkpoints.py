@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from service.manifest import sha256_file
+from artifact import sha256_file
 
 log = logging.getLogger(__name__)
 

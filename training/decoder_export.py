@@ -22,7 +22,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from service.manifest import MODEL_FILE, load_manifest, sha256_file
+from artifact import MODEL_FILE, load_manifest, sha256_file
 from training.decoder import PatchDecoder
 from training.export import git_commit
 from training.onnx_graph import OPSET, inference_copy

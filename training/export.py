@@ -32,7 +32,7 @@ import onnx
 import torch
 from torch import nn
 
-from service.manifest import (
+from artifact import (
     INT8_FILE,
     MODEL_FILE,
     EvalTransform,

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from service.manifest import INPUT_NAME, LAYER_TOKENS, RESNET_OUTPUTS, VIT_OUTPUTS
+from artifact import INPUT_NAME, LAYER_TOKENS, RESNET_OUTPUTS, VIT_OUTPUTS
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from service.manifest import INPUT_NAME, LAYER_TOKENS, ParityCheck
+from artifact import INPUT_NAME, LAYER_TOKENS, ParityCheck
 from training.onnx_graph import FeatureGraph
 
 log = logging.getLogger(__name__)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from service.manifest import INPUT_NAME, INT8_FILE, MODEL_FILE, EvalTransform, Variant
+from artifact import INPUT_NAME, INT8_FILE, MODEL_FILE, EvalTransform, Variant
 from training.parity import PHOTO_NAMES, ort_session, photo_batch, row_cosines
 
 log = logging.getLogger(__name__)
