@@ -11,9 +11,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from artifact.cosine import row_cosines
 from benchmarks.artifacts import ModelSpec, flops_per_image, model_dir, spec_for
 from benchmarks.ceiling import ceilings
-from benchmarks.common import Mode, interleaved, row_cosines
+from benchmarks.common import Mode, interleaved
 from benchmarks.paths import PATHS, Embed, available_paths, make_path
 from benchmarks.photos import digits, real_photos
 

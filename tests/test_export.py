@@ -227,10 +227,7 @@ def test_parity_failure_writes_nothing_and_keeps_existing(tmp_path):
     assert not (store / "new").exists() and _tree(store) == before
 
 
-@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "two-renames"])
-def test_reexport_replaces_atomically(tmp_path, monkeypatch, exchange):
-    if not exchange:  # the fallback path for kernels/filesystems without RENAME_EXCHANGE
-        monkeypatch.setattr("training.atomic._exchange", lambda a, b: False)
+def test_reexport_replaces_atomically(tmp_path):
     first = build_backbone("vit_tiny", 8, depth=2, img_size=32)
     second = build_backbone("vit_tiny", 8, depth=2, img_size=32)
     a = load_manifest(_export(first, "m", tmp_path, 32)).model_sha256

@@ -10,11 +10,9 @@ import argparse
 import contextlib
 import importlib
 import logging
-import os
 import pathlib
 import pickle
 import re
-import tempfile
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from artifact import sha256_file
+from artifact.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -36,35 +34,13 @@ class CheckpointError(ValueError):
     """A checkpoint is unreadable or does not fit the model it is loaded into."""
 
 
-def file_sha256(path: str | Path) -> str:
-    return sha256_file(Path(path))
-
-
 def save_atomic(obj: Any, path: str | Path) -> None:
     """``torch.save`` to a temp file beside ``path``, fsync, then rename over it.
 
     A crash mid-write leaves the previous checkpoint intact instead of a truncated one.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
+    with atomic_write(path) as fh:
+        torch.save(obj, fh)
 
 
 def _harmless_globals() -> list[Any]:
