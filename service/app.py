@@ -133,7 +133,7 @@ def _leaf_routes(routes: list) -> Iterator:
         yield from _leaf_routes(inner.routes) if inner is not None else (route,)
 
 
-def _install_error_handlers(app: FastAPI, settings: Settings) -> None:
+def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ImageError)
     async def image_error(_: Request, exc: ImageError) -> JSONResponse:
         return _error(exc.status_code, exc.message)
@@ -204,7 +204,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.runtime = runtime
     app.add_middleware(BodyLimit, limit=settings.max_request_bytes)
     app.add_middleware(AccessLog, metrics=runtime.metrics)  # outermost: sees every response
-    _install_error_handlers(app, settings)
+    _install_error_handlers(app)
     for module in (routes_model, routes_index, routes_ops, routes_perceptual):
         app.include_router(module.router)
     if (STATIC_DIR / "index.html").is_file():

@@ -20,7 +20,6 @@ log = logging.getLogger(__name__)
 
 # Alpha is composited on white: the usual look of transparent product shots and logos.
 BACKGROUND = (255, 255, 255)
-ACCEPTED = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 _CHUNK = 1 << 16
 
 
