@@ -13,17 +13,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from artifact import names
 from artifact.files import sha256_file, write_text_atomic
-from artifact.names import INPUT_NAME as INPUT_NAME
-from artifact.names import (
-    LAYER_TOKENS,
-    LEGACY_VIT_OUTPUTS,
-    MANIFEST_NAME,
-    MODEL_FILE,
-    NAME_PATTERN,
-    RESNET_OUTPUTS,
-    VIT_OUTPUTS,
-)
 
 # 2: the eval transform is pinned to torchvision's rounding everywhere (parity check, int8 gate,
 #    server) and decoder.json is a typed schema. The files are those of version 1, so version-1
@@ -92,7 +83,7 @@ class Provenance(Strict):
 
 class Manifest(Strict):
     format_version: int = FORMAT_VERSION
-    name: str = Field(pattern=NAME_PATTERN)
+    name: str = Field(pattern=names.NAME_PATTERN)
     arch: str
     family: Literal["vit", "resnet"]
     patch_size: int | None = Field(default=None, gt=0)
@@ -107,7 +98,7 @@ class Manifest(Strict):
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     eval_transform: EvalTransform
-    input_name: str = INPUT_NAME
+    input_name: str = names.INPUT_NAME
     outputs: tuple[str, ...]
     opset: int
     files: dict[str, FileEntry]
@@ -121,15 +112,19 @@ class Manifest(Strict):
         if self.family == "vit":
             if self.patch_size is None or self.num_heads is None:
                 raise ValueError("a ViT manifest needs patch_size and num_heads")
-            if tuple(self.outputs) not in (VIT_OUTPUTS, LEGACY_VIT_OUTPUTS):
-                raise ValueError(f"a ViT artifact has outputs {VIT_OUTPUTS}, got {self.outputs}")
+            if tuple(self.outputs) not in (names.VIT_OUTPUTS, names.LEGACY_VIT_OUTPUTS):
+                raise ValueError(
+                    f"a ViT artifact has outputs {names.VIT_OUTPUTS}, got {self.outputs}"
+                )
             self._check_token_layers()
-        elif tuple(self.outputs) != RESNET_OUTPUTS:
-            raise ValueError(f"a ResNet artifact has outputs {RESNET_OUTPUTS}, got {self.outputs}")
+        elif tuple(self.outputs) != names.RESNET_OUTPUTS:
+            raise ValueError(
+                f"a ResNet artifact has outputs {names.RESNET_OUTPUTS}, got {self.outputs}"
+            )
         elif self.token_layers is not None:
             raise ValueError("token_layers is for ViT artifacts only")
-        if MODEL_FILE not in self.files:
-            raise ValueError(f"files must list {MODEL_FILE}")
+        if names.MODEL_FILE not in self.files:
+            raise ValueError(f"files must list {names.MODEL_FILE}")
         for key, variant in self.variants.items():
             if variant.file not in self.files:
                 raise ValueError(f"variant {key!r} names {variant.file}, which files does not list")
@@ -139,8 +134,10 @@ class Manifest(Strict):
 
     def _check_token_layers(self) -> None:
         layers = self.token_layers
-        if (LAYER_TOKENS in self.outputs) != (layers is not None):
-            raise ValueError(f"token_layers goes with the {LAYER_TOKENS} output, and only with it")
+        if (names.LAYER_TOKENS in self.outputs) != (layers is not None):
+            raise ValueError(
+                f"token_layers goes with the {names.LAYER_TOKENS} output, and only with it"
+            )
         if layers is None:
             return
         if not layers or list(layers) != sorted(set(layers)) or layers[0] < 0:
@@ -155,12 +152,12 @@ class Manifest(Strict):
     @property
     def has_layer_tokens(self) -> bool:
         """Whether the graph gives several blocks' patch tokens (older ViT exports do not)."""
-        return LAYER_TOKENS in self.outputs
+        return names.LAYER_TOKENS in self.outputs
 
     @property
     def model_sha256(self) -> str:
         """Identity of the served weights (the fp32 file); the index is keyed on it."""
-        return self.files[MODEL_FILE].sha256
+        return self.files[names.MODEL_FILE].sha256
 
 
 def check_version(path: Path, version: Any) -> None:
@@ -207,7 +204,7 @@ def verify_file(model_dir: Path, name: str, sha256: str) -> None:
 def load_manifest(model_dir: Path | str, verify_files: bool = True) -> Manifest:
     """Read and validate ``model_dir/manifest.json``; optionally check every file's sha256."""
     model_dir = Path(model_dir)
-    path = model_dir / MANIFEST_NAME
+    path = model_dir / names.MANIFEST_NAME
     if not path.is_file():
         raise ArtifactError(
             f"{path} not found: export a model with `python -m training.export` "
@@ -226,6 +223,6 @@ def load_manifest(model_dir: Path | str, verify_files: bool = True) -> Manifest:
 
 def write_manifest(manifest: Manifest, model_dir: Path | str) -> Path:
     """Write ``model_dir/manifest.json`` (atomically: a reader never sees half of it)."""
-    path = Path(model_dir) / MANIFEST_NAME
+    path = Path(model_dir) / names.MANIFEST_NAME
     write_text_atomic(path, json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n")
     return path

@@ -13,7 +13,6 @@ import logging
 import os
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +25,7 @@ from artifact.decoder import DecoderMeta, DecoderParity
 from artifact.files import replace_atomic, sha256_file, write_text_atomic
 from training.decoder import PatchDecoder
 from training.export import git_commit
-from training.onnx_graph import OPSET, inference_copy
+from training.onnx_graph import OPSET, inference_copy, trace_to_onnx
 from training.parity import ParityError
 
 log = logging.getLogger(__name__)
@@ -38,24 +37,11 @@ def _write_onnx(decoder: PatchDecoder, path: Path, grid: int) -> None:
     sample = torch.randn(
         2, decoder.embed_dim, grid, grid, generator=torch.Generator().manual_seed(0)
     )
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore", category=DeprecationWarning)
-        warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
-        torch.onnx.export(
-            decoder,
-            (sample,),
-            str(path),
-            dynamo=False,
-            external_data=False,
-            opset_version=OPSET,
-            input_names=[DECODER_INPUT],
-            output_names=[DECODER_OUTPUT],
-            dynamic_axes={
-                DECODER_INPUT: {0: "batch", 2: "grid_h", 3: "grid_w"},
-                DECODER_OUTPUT: {0: "batch", 2: "height", 3: "width"},
-            },
-            do_constant_folding=True,
-        )
+    axes = {
+        DECODER_INPUT: {0: "batch", 2: "grid_h", 3: "grid_w"},
+        DECODER_OUTPUT: {0: "batch", 2: "height", 3: "width"},
+    }
+    trace_to_onnx(decoder, sample, path, DECODER_INPUT, (DECODER_OUTPUT,), axes)
     onnx.checker.check_model(str(path))
 
 
@@ -102,19 +88,21 @@ def export_decoder(decoder: PatchDecoder, model_dir: str | Path, training: dict)
         t0 = time.perf_counter()
         _write_onnx(model, tmp, grid=4)
         parity = decoder_parity(model, tmp)
-        meta = DecoderMeta(
-            sha256=sha256_file(tmp),
-            bytes=tmp.stat().st_size,
-            backbone=manifest.name,
-            backbone_sha256=manifest.model_sha256,
-            patch_size=decoder.patch_size,
-            embed_dim=decoder.embed_dim,
-            decoder=decoder.config,
-            opset=OPSET,
-            parity=tuple(parity),
-            training=training,
-            git_commit=git_commit(),
-            exported_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        meta = DecoderMeta.model_validate(
+            {
+                "sha256": sha256_file(tmp),
+                "bytes": tmp.stat().st_size,
+                "backbone": manifest.name,
+                "backbone_sha256": manifest.model_sha256,
+                "patch_size": decoder.patch_size,
+                "embed_dim": decoder.embed_dim,
+                "decoder": decoder.config,
+                "opset": OPSET,
+                "parity": parity,
+                "training": training,
+                "git_commit": git_commit(),
+                "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            }
         )
         os.chmod(tmp, 0o644)
         replace_atomic(tmp, model_dir / DECODER_FILE)
