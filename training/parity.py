@@ -78,6 +78,47 @@ def parity_inputs(
     ]
 
 
+def _max_diff(out: dict, ref: dict, name: str) -> float | None:
+    return float(np.abs(out[name] - ref[name]).max()) if name in out else None
+
+
+def _compare(x: np.ndarray, out: dict, ref: dict) -> ParityCheck:
+    """One input's ``ParityCheck``; ``ParityError`` when an embedding's or a layer token's
+    (ViT ``layer_tokens``: what ``/distance`` compares) cosine is below ``MIN_FP32_COSINE``."""
+    cosine = float(row_cosines(out["embedding"], ref["embedding"]).min())
+    check = ParityCheck(
+        shape=tuple(x.shape),
+        embedding_max_abs_diff=_max_diff(out, ref, "embedding"),
+        embedding_cosine_min=cosine,
+        attention_max_abs_diff=_max_diff(out, ref, "attention"),
+        layer_tokens_max_abs_diff=_max_diff(out, ref, LAYER_TOKENS),
+    )
+    extra = {  # patch tokens are logged only: the manifest's ParityCheck has no field for them
+        k: f"{_max_diff(out, ref, k):.2e}"
+        for k in ("attention", "patch_tokens", LAYER_TOKENS)
+        if k in out
+    }
+    log.info(
+        "parity %s: embedding max|diff| %.2e, cosine %.7f%s",
+        "x".join(map(str, x.shape)),
+        check.embedding_max_abs_diff,
+        cosine,
+        "".join(f", {k} max|diff| {v}" for k, v in extra.items()),
+    )
+    cosines = {"embedding": cosine}
+    if LAYER_TOKENS in out:  # every token of every exported block: what /distance compares
+        d = out[LAYER_TOKENS].shape[-1]
+        flat = out[LAYER_TOKENS].reshape(-1, d), ref[LAYER_TOKENS].reshape(-1, d)
+        cosines["layer token"] = float(row_cosines(*flat).min())
+    for what, value in cosines.items():
+        if not np.isfinite(value) or value < MIN_FP32_COSINE:
+            raise ParityError(
+                f"onnxruntime and PyTorch disagree at input {x.shape}: {what} cosine "
+                f"{value:.6f} < {MIN_FP32_COSINE}; refusing to write this artifact"
+            )
+    return check
+
+
 def check_parity(
     backbone: nn.Module, onnx_path: Path, inputs: Sequence[np.ndarray]
 ) -> tuple[ParityCheck, ...]:
@@ -99,45 +140,5 @@ def check_parity(
                     f"PyTorch {e.shape}; the graph is not dynamic in this dimension"
                 )
         out = dict(zip(names, got, strict=True))
-        ref = dict(zip(names, expected, strict=True))
-        cosine = float(row_cosines(out["embedding"], ref["embedding"]).min())
-        check = ParityCheck(
-            shape=tuple(x.shape),
-            embedding_max_abs_diff=float(np.abs(out["embedding"] - ref["embedding"]).max()),
-            embedding_cosine_min=cosine,
-            attention_max_abs_diff=(
-                float(np.abs(out["attention"] - ref["attention"]).max())
-                if "attention" in out
-                else None
-            ),
-            layer_tokens_max_abs_diff=(
-                float(np.abs(out[LAYER_TOKENS] - ref[LAYER_TOKENS]).max())
-                if LAYER_TOKENS in out
-                else None
-            ),
-        )
-        extra = {  # patch tokens are logged only: the manifest's ParityCheck has no field for them
-            k: f"{np.abs(out[k] - ref[k]).max():.2e}"
-            for k in ("attention", "patch_tokens", LAYER_TOKENS)
-            if k in out
-        }
-        log.info(
-            "parity %s: embedding max|diff| %.2e, cosine %.7f%s",
-            "x".join(map(str, x.shape)),
-            check.embedding_max_abs_diff,
-            cosine,
-            "".join(f", {k} max|diff| {v}" for k, v in extra.items()),
-        )
-        cosines = {"embedding": cosine}
-        if LAYER_TOKENS in out:  # every token of every exported block: what /distance compares
-            d = out[LAYER_TOKENS].shape[-1]
-            flat = out[LAYER_TOKENS].reshape(-1, d), ref[LAYER_TOKENS].reshape(-1, d)
-            cosines["layer token"] = float(row_cosines(*flat).min())
-        for what, value in cosines.items():
-            if not np.isfinite(value) or value < MIN_FP32_COSINE:
-                raise ParityError(
-                    f"onnxruntime and PyTorch disagree at input {x.shape}: {what} cosine "
-                    f"{value:.6f} < {MIN_FP32_COSINE}; refusing to write this artifact"
-                )
-        checks.append(check)
+        checks.append(_compare(x, out, dict(zip(names, expected, strict=True))))
     return tuple(checks)
