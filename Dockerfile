@@ -23,6 +23,7 @@ ARG PIP_EXTRA_INDEX_URL
 # Only the serve extra, at the locked versions: no torch in this image.
 RUN pip install --no-cache-dir -r requirements/serve.txt
 COPY pyproject.toml README.md ./
+COPY artifact ./artifact
 COPY service ./service
 RUN pip install --no-cache-dir --no-deps . \
     && mkdir -p /app/models /app/data && chown 10001:10001 /app/models /app/data
@@ -47,6 +48,7 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 RUN pip install --no-cache-dir -r requirements/train.txt
 COPY pyproject.toml README.md ./
+COPY artifact ./artifact
 COPY service ./service
 COPY training ./training
 RUN pip install --no-cache-dir --no-deps . \

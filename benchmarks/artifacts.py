@@ -53,7 +53,7 @@ def build_torch(spec: ModelSpec):
 def model_dir(spec: ModelSpec, cache: Path) -> Path:
     """``cache/models/<key>/<key>`` (a store holding one model, so a server can serve it),
     exported on first use."""
-    from service.manifest import MANIFEST_NAME
+    from artifact import MANIFEST_NAME
 
     store = cache / "models" / spec.key
     folder = store / spec.key

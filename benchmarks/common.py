@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from artifact.cpu import cpu_flags as all_cpu_flags
+
 log = logging.getLogger("benchmarks")
 
 VERSIONED = ("torch", "onnxruntime", "openvino", "faiss-cpu", "numpy", "fastapi", "uvicorn")
@@ -82,15 +84,10 @@ def cpu_model() -> str:
 
 
 def cpu_flags() -> list[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                have = set(line.split(":", 1)[1].split())
-                wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
-                return [f for f in wanted if f in have]
-    except OSError:
-        pass
-    return []
+    """The flags that matter for these figures, of those the CPU has."""
+    have = set(all_cpu_flags())
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+    return [f for f in wanted if f in have]
 
 
 def versions() -> dict[str, str | None]:
@@ -147,9 +144,3 @@ def percentiles(seconds: list[float]) -> dict[str, float]:
         return {"p50_ms": float("nan"), "p95_ms": float("nan"), "p99_ms": float("nan")}
     ms = np.asarray(seconds) * 1000
     return {f"p{q}_ms": float(np.percentile(ms, q)) for q in (50, 95, 99)}
-
-
-def row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a = a / np.linalg.norm(a, axis=1, keepdims=True)
-    b = b / np.linalg.norm(b, axis=1, keepdims=True)
-    return (a * b).sum(axis=1)

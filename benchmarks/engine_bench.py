@@ -11,9 +11,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from artifact.cosine import row_cosines
 from benchmarks.artifacts import ModelSpec, flops_per_image, model_dir, spec_for
 from benchmarks.ceiling import ceilings
-from benchmarks.common import Mode, interleaved, row_cosines
+from benchmarks.common import Mode, interleaved
 from benchmarks.paths import PATHS, Embed, available_paths, make_path
 from benchmarks.photos import digits, real_photos
 
@@ -72,7 +73,7 @@ def _speed(
 
 
 def _accuracy(spec: ModelSpec, folder: Path, fns: dict[str, Embed], mode: Mode) -> list[dict]:
-    from service.manifest import load_manifest
+    from artifact import load_manifest
     from service.preprocess import eval_pixels
 
     manifest = load_manifest(folder)

@@ -104,8 +104,8 @@ def _raw_best(env: dict[str, str], folder: Path, threads: int, mode: Mode) -> di
     OpenVINO, both one stream (all threads on a batch) and the server's default streams (batches
     side by side), median of ``mode.rounds`` interleaved rounds. The best of these is what the
     HTTP figures are divided by, so a server setting cannot flatter the ratio."""
-    from service.engines import open_engine, openvino_streams
-    from service.manifest import load_manifest
+    from artifact import load_manifest
+    from service.engine_choice import open_engine, openvino_streams
 
     manifest = load_manifest(folder)
     streams = [1]
@@ -139,8 +139,8 @@ def _raw_best(env: dict[str, str], folder: Path, threads: int, mode: Mode) -> di
 def preprocess_cpu_ms(bodies: list[bytes], folder: Path, rounds: int = 3) -> float:
     """CPU milliseconds the server spends per image outside inference and HTTP: decode and the
     eval transform, with the service's own functions, best of ``rounds`` passes."""
+    from artifact import load_manifest
     from service.images import decode_image
-    from service.manifest import load_manifest
     from service.preprocess import eval_pixels
 
     manifest = load_manifest(folder)

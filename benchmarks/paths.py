@@ -45,7 +45,7 @@ def available_paths() -> list[str]:
 
 
 def make_path(name: str, spec: ModelSpec, model_dir: Path, threads: int) -> Embed:
-    from service.manifest import INPUT_NAME, INT8_FILE, MODEL_FILE
+    from artifact import INPUT_NAME, INT8_FILE, MODEL_FILE
 
     if name.startswith("torch_"):
         import torch
@@ -60,7 +60,7 @@ def make_path(name: str, spec: ModelSpec, model_dir: Path, threads: int) -> Embe
 
         return embed
     if name.startswith("ort_"):
-        from service.engine import OrtEngine
+        from service.engine_onnxruntime import OrtEngine
 
         file = MODEL_FILE if name == "ort_fp32" else INT8_FILE
         engine = OrtEngine(model_dir / file, threads, INPUT_NAME)

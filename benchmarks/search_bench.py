@@ -107,10 +107,10 @@ def _store_and_http(base, queries, truth, threads: int, mode: Mode) -> tuple[dic
     """The durable store (SQLite lookups included) and GET /similar on a live server, HNSW."""
     import httpx
 
+    from artifact import load_manifest
     from benchmarks.artifacts import model_dir, spec_for
     from benchmarks.server import Server
     from service.index import IndexStore
-    from service.manifest import load_manifest
 
     folder = model_dir(spec_for("vit_small", mode.smoke), mode.cache)
     manifest = load_manifest(folder)

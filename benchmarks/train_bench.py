@@ -14,7 +14,8 @@ import statistics
 import tempfile
 import time
 
-from benchmarks.common import Mode, cpu_flags
+from artifact.cpu import cpu_has_bf16
+from benchmarks.common import Mode
 
 log = logging.getLogger(__name__)
 
@@ -88,11 +89,6 @@ def _step_img_s(recipe: str, precision: str, overrides: dict, steps: int) -> dic
 
 def _median_row(rows: list[dict]) -> dict:
     return sorted(rows, key=lambda row: row["step_s"])[len(rows) // 2]
-
-
-def cpu_has_bf16() -> bool:
-    """Native bf16 matrix units (what makes autocast worth it on a CPU)."""
-    return bool({"avx512_bf16", "amx_bf16"} & set(cpu_flags()))
 
 
 def run(mode: Mode, threads: int, so_far: dict) -> dict:

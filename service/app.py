@@ -20,12 +20,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from artifact import ArtifactError
 from service import routes_index, routes_model, routes_ops, routes_perceptual
 from service.batcher import Overloaded
 from service.guards import RequestGuard, leaf_routes
 from service.images import ImageError
 from service.index import DuplicateIdError, IndexStoreError, InvalidItemError
-from service.manifest import ArtifactError
 from service.metrics import Metrics
 from service.runtime import NotReady, Runtime
 from service.settings import Settings, SettingsError

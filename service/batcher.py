@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from service.engine import Engine
+from service.engine_choice import Engine
 from service.metrics import Metrics
 
 log = logging.getLogger(__name__)

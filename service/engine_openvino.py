@@ -6,7 +6,7 @@ bf16 (fp32 accumulation) and keeps the same artifact, inputs and outputs. On a C
 bf16 the plugin cannot honour the hint; we then ask for f32 explicitly and log it, so the server
 still runs (at onnxruntime-like speed) instead of failing.
 
-Same small interface as ``service.engine.OrtEngine``: ``input_name``, ``output_names``,
+Same small interface as ``service.engine_onnxruntime.OrtEngine``: ``input_name``, ``output_names``,
 ``run(pixels, outputs) -> {name: array}``. openvino is an optional dependency (extra ``fast``).
 """
 
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from service.manifest import ArtifactError
+from artifact import ArtifactError
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import anyio
 from fastapi import APIRouter, Depends, File, Form, HTTPException, Query, Response, UploadFile
 
-from service.engine import l2_normalise
+from artifact.cosine import l2_normalise
 from service.images import thumbnail_jpeg
 from service.index import Hit
 from service.index.validate import shown_source

@@ -9,8 +9,8 @@ import numpy as np
 from fastapi import APIRouter, File, Form, HTTPException, UploadFile
 from fastapi.responses import Response
 
+from artifact.cosine import l2_normalise
 from service.attention import patch_maps, threshold_masks
-from service.engine import l2_normalise
 from service.preprocess import attention_pixels, eval_pixels
 from service.render import overlay_png
 from service.routes_common import ModelRuntimeDep, read_images

@@ -1,4 +1,4 @@
-"""What a running server holds: settings, manifest, engine, batcher, index store, metrics.
+"""What a running server holds: settings, manifest, engine, decoder, batcher, index store, metrics.
 
 Kept apart from the FastAPI app so routes, tests and the CLI share one way to start and stop it.
 """
@@ -14,9 +14,10 @@ from pathlib import Path
 
 import anyio
 
+from artifact import ArtifactError, Manifest, load_manifest
+from artifact.decoder import DecoderMeta, DecoderUnavailable, load_decoder_meta
 from service.batcher import MicroBatcher
-from service.engine import Engine, model_file
-from service.engines import open_engine
+from service.engine_choice import Engine, model_file, open_engine, open_graph
 from service.images import PixelBudget
 from service.index import (
     IndexModelMismatch,
@@ -26,7 +27,6 @@ from service.index import (
     rebuild_command,
 )
 from service.index.lock import DataDirBusy
-from service.manifest import Manifest, load_manifest
 from service.metrics import Metrics
 from service.settings import Settings, attention_max_side, find_model_dir
 
@@ -45,6 +45,9 @@ class Runtime:
     model_dir: Path | None = None
     manifest: Manifest | None = None
     engine: Engine | None = None
+    decoder: Engine | None = None  # decoder.onnx beside the model, when there is a usable one
+    decoder_meta: DecoderMeta | None = None
+    decoder_error: str = ""  # why there is no decoder: what /reconstruct answers (409)
     batcher: MicroBatcher | None = None
     store: IndexStore | None = None
     model_ready: bool = False  # /embed, /attention, /models can answer
@@ -102,6 +105,7 @@ class Runtime:
             s.precision,
             s.engine_streams,
         )
+        await anyio.to_thread.run_sync(self._open_decoder)
         await anyio.to_thread.run_sync(self._check_index_model)
         self.batcher = MicroBatcher(
             self.engine, s.max_batch, s.batch_wait_ms, s.queue_limit, self.metrics, s.retry_after_s
@@ -121,6 +125,37 @@ class Runtime:
             s.data_dir,
         )
         self._store_task = asyncio.get_running_loop().create_task(self._load_store())
+
+    def _open_decoder(self) -> None:
+        """Open ``decoder.onnx`` once, with the model's engine choice. A missing or unusable
+        decoder does not stop the server: ``decoder_error`` says why, and ``/reconstruct``
+        answers it as a 409."""
+        manifest, model_dir, s = self.manifest, self.model_dir, self.settings
+        if manifest is None or model_dir is None:
+            raise RuntimeError("the decoder is opened after the model")
+        if "patch_tokens" not in manifest.outputs:
+            self.decoder_error = f"model {manifest.name!r} ({manifest.arch}) has no patch tokens"
+            return
+        try:
+            meta = load_decoder_meta(model_dir, manifest)
+            decoder = open_graph(
+                model_dir / meta.file, meta.input, s.threads, s.engine, s.precision, s.model_variant
+            )
+            if meta.output not in decoder.output_names:
+                raise DecoderUnavailable(
+                    f"{model_dir / meta.file} has outputs {decoder.output_names}, decoder.json "
+                    f"says {meta.output!r}; re-run `python -m training.invert`"
+                )
+        except ArtifactError as exc:  # DecoderUnavailable, or the engine cannot load the file
+            self.decoder_error = str(exc)
+            log.log(
+                logging.INFO if "has no decoder" in self.decoder_error else logging.WARNING,
+                "no /reconstruct: %s",
+                self.decoder_error,
+            )
+            return
+        self.decoder, self.decoder_meta = decoder, meta
+        log.info("loaded decoder %s", model_dir / meta.file)
 
     def _check_index_model(self) -> None:
         """Refuse, before any replay, a data dir whose vectors come from another model."""

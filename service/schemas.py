@@ -6,7 +6,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from service.manifest import Manifest
+from artifact import Manifest
 
 
 class ErrorResponse(BaseModel):

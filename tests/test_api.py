@@ -12,11 +12,11 @@ import pytest
 from PIL import Image
 from service_helpers import metric_value, photo_bytes, serve, settings_for
 
+from artifact import load_manifest
+from artifact.cosine import l2_normalise
 from service.app import create_app
-from service.engine import l2_normalise
 from service.images import decode_image
 from service.index import IndexStoreError
-from service.manifest import load_manifest
 from service.preprocess import eval_pixels
 
 pytestmark = pytest.mark.anyio

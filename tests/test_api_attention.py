@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 from service_helpers import encode, photo, serve, settings_for
 
+from artifact import load_manifest
 from service.attention import kept_share, patch_maps, threshold_masks
-from service.manifest import load_manifest
 from service.preprocess import attention_pixels
 
 pytestmark = pytest.mark.anyio

@@ -9,9 +9,9 @@ import threading
 import numpy as np
 import pytest
 
+from artifact import INPUT_NAME, MODEL_FILE
 from service.batcher import MicroBatcher
-from service.engine import OrtEngine
-from service.manifest import INPUT_NAME, MODEL_FILE
+from service.engine_onnxruntime import OrtEngine
 
 ov = pytest.importorskip("openvino", reason="OpenVINO is optional: pip install '.[fast]'")
 from service.engine_openvino import OpenVinoEngine  # noqa: E402

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
+from artifact import sha256_file
 from training.augment import _ToMode
 from training.backbones import build_backbone
 from training.checkpoints import (
     CheckpointError,
     extract_backbone_state_dict,
-    file_sha256,
     load_backbone_weights,
     read_checkpoint,
     save_atomic,
@@ -172,7 +172,7 @@ def test_save_atomic_replaces_and_leaves_no_temp(tmp_path):
     save_atomic({"epoch": 2}, path)
     assert read_checkpoint(path)["epoch"] == 2
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pth"]
-    assert file_sha256(path) == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert sha256_file(path) == hashlib.sha256(path.read_bytes()).hexdigest()
 
     class Unpicklable:
         def __reduce__(self):

@@ -10,9 +10,11 @@ import onnxruntime as ort
 import pytest
 from service_helpers import metric_value
 
+from artifact import ArtifactError, load_manifest
+from artifact.cosine import l2_normalise
 from service.batcher import MicroBatcher, Overloaded
-from service.engine import OrtEngine, l2_normalise, load_engine, model_file
-from service.manifest import ArtifactError, load_manifest
+from service.engine_choice import model_file
+from service.engine_onnxruntime import OrtEngine, load_engine
 from service.metrics import Metrics
 
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from service.engine import OrtEngine, l2_normalise
-from service.manifest import INPUT_NAME, MODEL_FILE, ArtifactError, load_manifest
+from artifact import INPUT_NAME, MODEL_FILE, ArtifactError, load_manifest
+from artifact.cosine import l2_normalise
+from service.engine_onnxruntime import OrtEngine
 from service.preprocess import eval_pixels
 
 ov = pytest.importorskip("openvino", reason="OpenVINO is optional: pip install '.[fast]'")
@@ -83,8 +84,8 @@ def test_openvino_errors_are_actionable(tiny_vit_dir):
 
 
 def test_engine_selection(tiny_vit_dir):
-    from service.engine import OrtEngine as Ort
-    from service.engines import open_engine, resolve
+    from service.engine_choice import open_engine, resolve
+    from service.engine_onnxruntime import OrtEngine as Ort
 
     manifest = load_manifest(tiny_vit_dir)
     bf16 = "bf16" if cpu_supports_bf16() else "fp32"
@@ -156,7 +157,7 @@ def test_impossible_engine_settings_stop_the_server(tiny_vit_dir, tmp_path):
 
 
 def test_streams_setting_maps_to_openvino_streams():
-    from service.engines import openvino_streams
+    from service.engine_choice import openvino_streams
     from service.settings import SettingsError
 
     assert [openvino_streams(0, t) for t in (1, 2, 4, 8, 16, 32)] == [1, 2, 2, 2, 4, 8]

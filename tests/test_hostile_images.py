@@ -18,8 +18,9 @@ from PIL import Image
 from reliability import record, rss_bytes
 from service_helpers import encode, photo, serve, settings_for
 
-from service.manifest import load_manifest
-from service.preprocess import MAX_FULL_RESIZE_RATIO, eval_pixels
+from artifact import load_manifest
+from artifact.transform import MAX_FULL_RESIZE_RATIO
+from service.preprocess import eval_pixels
 
 ENDPOINTS = ("/embed", "/attention", "/similar", "/items")
 ROUNDS = 4  # the first warms up (allocator pools, ORT arenas); RSS is compared after it
@@ -236,7 +237,7 @@ async def test_exif_rotated_jpeg_embeds_as_the_upright_image(tiny_vit_dir, tmp_p
 def test_thin_strips_cost_no_more_than_a_square_image(tiny_vit_dir, shape):
     # Found here: a 1 x 20000 strip was resized to 37 x 740000 before the centre crop (at the
     # usual resize 256: 256 x 5.1M = 3.9 GB), so one small PNG could exhaust the server's memory.
-    from service.preprocess import centre_crop, normalise, resize_short_side
+    from artifact.transform import crop_box, normalise, resized_size
 
     manifest = load_manifest(tiny_vit_dir)
     t = manifest.eval_transform
@@ -244,8 +245,9 @@ def test_thin_strips_cost_no_more_than_a_square_image(tiny_vit_dir, shape):
     started = time.perf_counter()
     pixels = eval_pixels(img, manifest)
     elapsed = time.perf_counter() - started
-    full = resize_short_side(img, t.resize, Image.Resampling.BICUBIC)  # the old way: huge
-    reference = normalise(centre_crop(full, t.crop), manifest.mean, manifest.std)
+    # The full resize (huge) and then the crop, as torchvision does it:
+    full = img.resize(resized_size(*img.size, t.resize), Image.Resampling.BICUBIC)
+    reference = normalise(full.crop(crop_box(*full.size, t.crop)), manifest.mean, manifest.std)
     assert full.width * full.height > 1000 * t.crop**2  # what the crop window spares
     assert pixels.shape == (3, t.crop, t.crop)
     diff = np.abs(pixels - reference)  # in units of std: 1/255 is ~0.017
@@ -255,13 +257,13 @@ def test_thin_strips_cost_no_more_than_a_square_image(tiny_vit_dir, shape):
 
 def test_moderately_long_images_still_match_the_full_resize(tiny_vit_dir):
     # Up to the ratio the eval transform is torchvision's exactly; above it, nearly.
-    from service.preprocess import centre_crop, normalise, resize_short_side
+    from artifact.transform import crop_box, normalise, resized_size
 
     manifest = load_manifest(tiny_vit_dir)
     t = manifest.eval_transform
     rng = np.random.default_rng(1)
     for ratio, atol in ((MAX_FULL_RESIZE_RATIO, 0.0), (MAX_FULL_RESIZE_RATIO * 3, 0.3)):
         img = Image.fromarray(rng.integers(0, 256, (20, 20 * ratio, 3), np.uint8))
-        full = resize_short_side(img, t.resize, Image.Resampling.BICUBIC)
-        reference = normalise(centre_crop(full, t.crop), manifest.mean, manifest.std)
+        full = img.resize(resized_size(*img.size, t.resize), Image.Resampling.BICUBIC)
+        reference = normalise(full.crop(crop_box(*full.size, t.crop)), manifest.mean, manifest.std)
         assert np.abs(eval_pixels(img, manifest) - reference).max() <= atol + 1e-6

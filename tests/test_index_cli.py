@@ -14,10 +14,10 @@ import pytest
 import skimage.data
 from PIL import Image
 
+from artifact import load_manifest
 from service.images import decode_image
 from service.index import IndexStore
 from service.index.build import item_id, load_metadata
-from service.manifest import load_manifest
 from service.preprocess import eval_pixels
 
 PHOTOS = {"astronaut.jpg": "astronaut", "coffee.png": "coffee", "camera.png": "camera"}

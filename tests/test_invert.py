@@ -158,3 +158,27 @@ async def test_reconstruct_without_or_with_a_foreign_decoder_is_409(exported, tm
     async with client_for(bare, tmp_path / "d2") as c:
         r = await c.post("/reconstruct", files={"image": encode(photo("camera", 64))})
     assert r.status_code == 409 and "trained for other weights" in r.json()["detail"]
+
+
+@pytest.mark.anyio
+async def test_reconstruct_with_a_malformed_decoder_json_is_409_and_the_server_runs(
+    exported, tmp_path
+):
+    model_dir, _ = exported
+    meta = json.loads((model_dir / "decoder.json").read_text())
+    cases = {
+        "truncated": ("{not json", "not readable JSON"),
+        "wrong type": (json.dumps({**meta, "bytes": "many"}), "not a valid decoder description"),
+        "unknown field": (json.dumps({**meta, "extra": 1}), "not a valid decoder description"),
+        "newer format": (json.dumps({**meta, "format_version": 99}), "upgrade this server"),
+    }
+    for i, (name, (text, expected)) in enumerate(cases.items()):
+        broken = tmp_path / f"store{i}" / "broken"
+        shutil.copytree(model_dir, broken)
+        (broken / "decoder.json").write_text(text)
+        async with client_for(broken, tmp_path / f"d{i}") as c:
+            r = await c.post("/reconstruct", files={"image": encode(photo("camera", 64))})
+            embed = await c.post("/embed", files={"images": encode(photo("camera", 64))})
+        assert r.status_code == 409, (name, r.text)
+        assert expected in r.json()["detail"] and "decoder.json" in r.json()["detail"], name
+        assert embed.status_code == 200, name  # the model is served all the same

@@ -21,7 +21,7 @@ from PIL import Image, ImageFilter
 from pydantic import ValidationError
 from service_helpers import photo, serve, settings_for
 
-from service.manifest import (
+from artifact import (
     INPUT_NAME,
     LEGACY_VIT_OUTPUTS,
     MANIFEST_NAME,

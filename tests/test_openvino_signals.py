@@ -17,7 +17,7 @@ import textwrap
 
 import pytest
 
-from service.manifest import INPUT_NAME, MODEL_FILE
+from artifact import INPUT_NAME, MODEL_FILE
 
 pytest.importorskip("openvino", reason="OpenVINO is optional: pip install '.[fast]'")
 

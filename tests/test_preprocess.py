@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 from service_helpers import photo
 
-from service.manifest import load_manifest
+from artifact import load_manifest
 from service.preprocess import attention_pixels, attention_size, eval_pixels
 
 

@@ -1,4 +1,5 @@
-"""The server runs where torch cannot be imported, and never imports ``training``."""
+"""The server (and the artifact contract it reads) runs where torch cannot be imported, and never
+imports ``training``."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ SCRIPT = textwrap.dedent(
     import asyncio, io, importlib, pkgutil
     import httpx
     from PIL import Image
+    import artifact
     import service
     from service.app import create_app
     from service.settings import Settings
@@ -39,9 +41,10 @@ SCRIPT = textwrap.dedent(
 
     asyncio.run(main())
     # Every service module imports without torch (CLI entry points are not run, only imported).
-    for info in pkgutil.walk_packages(service.__path__, "service."):
-        if not info.name.endswith("__main__"):
-            importlib.import_module(info.name)
+    for package in (artifact, service):
+        for info in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
+            if not info.name.endswith("__main__"):
+                importlib.import_module(info.name)
     assert sys.modules["torch"] is None
     leaked = sorted(m for m in sys.modules if m == "training" or m.startswith("training."))
     assert not leaked, leaked
@@ -64,9 +67,9 @@ def test_server_runs_with_torch_unimportable(tiny_vit_dir, tmp_path):
     assert "torch-free ok" in result.stdout
 
 
-def test_no_service_source_imports_torch_or_training():
+def test_no_service_or_artifact_source_imports_torch_or_training():
     offenders = []
-    for path in sorted((ROOT / "service").rglob("*.py")):
+    for path in sorted([*(ROOT / "service").rglob("*.py"), *(ROOT / "artifact").rglob("*.py")]):
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             names = []
             if isinstance(node, ast.Import):

@@ -63,7 +63,7 @@ def check_servable(model_dir: Path) -> None:
     """The exported artifact loads and runs as the server would run it."""
     import onnxruntime as ort
 
-    from service.manifest import load_manifest
+    from artifact import load_manifest
 
     manifest = load_manifest(model_dir)
     session = ort.InferenceSession(str(model_dir / "model.onnx"))

@@ -1,4 +1,5 @@
-"""Multi-crop augmentation (DINO paper, section 3 and appendix) and the k-NN eval transform."""
+"""Multi-crop augmentation (DINO paper, section 3 and appendix) and the k-NN eval transform
+(``artifact.transform``, wrapped as a tensor transform)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 from torchvision import transforms as T
+
+from artifact.transform import eval_pixels
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -141,25 +144,36 @@ def _three(values: Sequence[float], name: str) -> tuple[float, float, float]:
     return vals  # type: ignore[return-value]
 
 
+class EvalTensor:
+    """DINO's k-NN / linear-eval protocol as a dataset transform: ``artifact.transform`` (the
+    exporter's and the server's eval transform, torchvision's ``Resize`` + ``CenterCrop`` bit for
+    bit) as a ``[3, crop, crop]`` float32 tensor. Grayscale images come out with 3 identical
+    channels. A class, not a closure: DataLoader workers pickle it."""
+
+    def __init__(self, resize: int, crop: int, mean: Sequence[float], std: Sequence[float]) -> None:
+        if crop > resize:
+            raise ValueError(f"crop {crop} is larger than resize {resize}")
+        self.resize, self.crop = resize, crop
+        self.mean, self.std = _three(mean, "mean"), _three(std, "std")
+        self.to_rgb = _ToMode("RGB")
+
+    def __call__(self, img: Image.Image) -> Tensor:
+        pixels = eval_pixels(self.to_rgb(img), self.resize, self.crop, self.mean, self.std)
+        return torch.from_numpy(pixels)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(resize={self.resize}, crop={self.crop})"
+
+
 def eval_transform(
     resize: int = 256,
     crop: int = 224,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
-) -> T.Compose:
+) -> EvalTensor:
     """DINO's k-NN / linear-eval protocol: RGB, short side to ``resize`` (bicubic), centre
-    ``crop``, ToTensor, Normalize. Grayscale images come out with 3 identical channels."""
-    if crop > resize:
-        raise ValueError(f"crop {crop} is larger than resize {resize}")
-    return T.Compose(
-        [
-            _ToMode("RGB"),
-            T.Resize(resize, interpolation=BICUBIC),
-            T.CenterCrop(crop),
-            T.ToTensor(),
-            T.Normalize(_three(mean, "mean"), _three(std, "std")),
-        ]
-    )
+    ``crop``, ToTensor, Normalize (see ``EvalTensor``)."""
+    return EvalTensor(resize, crop, mean, std)
 
 
 def stack_crops(batch: list[list[Tensor]]) -> list[Tensor]:

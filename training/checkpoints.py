@@ -8,14 +8,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import logging
-import os
 import pathlib
 import pickle
 import re
 import sys
-import tempfile
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,6 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
+
+from artifact.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -35,39 +34,13 @@ class CheckpointError(ValueError):
     """A checkpoint is unreadable or does not fit the model it is loaded into."""
 
 
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def save_atomic(obj: Any, path: str | Path) -> None:
     """``torch.save`` to a temp file beside ``path``, fsync, then rename over it.
 
     A crash mid-write leaves the previous checkpoint intact instead of a truncated one.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
+    with atomic_write(path) as fh:
+        torch.save(obj, fh)
 
 
 def _data_globals() -> list[Any]:

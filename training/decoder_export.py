@@ -1,20 +1,18 @@
 """Export a trained ``PatchDecoder`` beside a served model: ``decoder.onnx`` + ``decoder.json``.
 
-The decoder graph takes ``patch_grid`` float32 ``[B, D, h, w]`` (the artifact's ``patch_tokens``
-``[B, h*w, D]`` reshaped row-major; dynamic B, h, w) and gives ``image`` ``[B, 3, h*p, w*p]``, RGB
-in [0, 1]. ``decoder.json`` records the backbone's ``model.onnx`` sha256 so a server never pairs
-a decoder with weights it was not trained on. The backbone's ``manifest.json`` is left as it is
-(the artifact contract does not know decoders yet).
+The files and fields are the artifact contract's (``artifact.decoder``): the graph takes
+``patch_grid`` float32 ``[B, D, h, w]`` (dynamic B, h, w) and gives ``image`` ``[B, 3, h*p, w*p]``,
+RGB in [0, 1]; ``decoder.json`` records the backbone's ``model.onnx`` sha256 so a server never
+pairs a decoder with weights it was not trained on. The backbone's ``manifest.json`` is left as
+it is.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -22,18 +20,16 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from service.manifest import MODEL_FILE, load_manifest, sha256_file
+from artifact import DECODER_FILE, DECODER_INPUT, DECODER_META, DECODER_OUTPUT, load_manifest
+from artifact.decoder import DecoderMeta, DecoderParity
+from artifact.files import replace_atomic, sha256_file, write_text_atomic
 from training.decoder import PatchDecoder
 from training.export import git_commit
-from training.onnx_graph import OPSET, inference_copy
+from training.onnx_graph import OPSET, inference_copy, trace_to_onnx
 from training.parity import ParityError
 
 log = logging.getLogger(__name__)
 
-DECODER_FILE = "decoder.onnx"
-DECODER_META = "decoder.json"
-DECODER_INPUT = "patch_grid"
-DECODER_OUTPUT = "image"
 MAX_PARITY_DIFF = 1e-4  # pixels in [0, 1]
 
 
@@ -41,28 +37,15 @@ def _write_onnx(decoder: PatchDecoder, path: Path, grid: int) -> None:
     sample = torch.randn(
         2, decoder.embed_dim, grid, grid, generator=torch.Generator().manual_seed(0)
     )
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore", category=DeprecationWarning)
-        warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
-        torch.onnx.export(
-            decoder,
-            (sample,),
-            str(path),
-            dynamo=False,
-            external_data=False,
-            opset_version=OPSET,
-            input_names=[DECODER_INPUT],
-            output_names=[DECODER_OUTPUT],
-            dynamic_axes={
-                DECODER_INPUT: {0: "batch", 2: "grid_h", 3: "grid_w"},
-                DECODER_OUTPUT: {0: "batch", 2: "height", 3: "width"},
-            },
-            do_constant_folding=True,
-        )
+    axes = {
+        DECODER_INPUT: {0: "batch", 2: "grid_h", 3: "grid_w"},
+        DECODER_OUTPUT: {0: "batch", 2: "height", 3: "width"},
+    }
+    trace_to_onnx(decoder, sample, path, DECODER_INPUT, (DECODER_OUTPUT,), axes)
     onnx.checker.check_model(str(path))
 
 
-def decoder_parity(decoder: PatchDecoder, path: Path) -> list[dict]:
+def decoder_parity(decoder: PatchDecoder, path: Path) -> list[DecoderParity]:
     """ORT vs PyTorch at a few grids (square and not, batch 1 and 2); raises ``ParityError``."""
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     gen = torch.Generator().manual_seed(1)
@@ -73,7 +56,7 @@ def decoder_parity(decoder: PatchDecoder, path: Path) -> list[dict]:
             want = decoder(grid).numpy()
         (got,) = session.run([DECODER_OUTPUT], {DECODER_INPUT: grid.numpy()})
         diff = float(np.abs(got - want).max())
-        checks.append({"shape": [b, decoder.embed_dim, h, w], "max_abs_diff": diff})
+        checks.append(DecoderParity(shape=(b, decoder.embed_dim, h, w), max_abs_diff=diff))
         if got.shape != want.shape or diff > MAX_PARITY_DIFF:
             raise ParityError(
                 f"decoder ONNX differs from PyTorch at grid {h}x{w}: shapes {got.shape} vs "
@@ -105,39 +88,34 @@ def export_decoder(decoder: PatchDecoder, model_dir: str | Path, training: dict)
         t0 = time.perf_counter()
         _write_onnx(model, tmp, grid=4)
         parity = decoder_parity(model, tmp)
-        meta = {
-            "format_version": 1,
-            "file": DECODER_FILE,
-            "sha256": sha256_file(tmp),
-            "bytes": tmp.stat().st_size,
-            "input": DECODER_INPUT,
-            "input_layout": "[B, D, h, w]: patch_tokens [B, h*w, D] reshaped row-major",
-            "output": DECODER_OUTPUT,
-            "output_range": [0.0, 1.0],
-            "backbone": manifest.name,
-            "backbone_sha256": manifest.files[MODEL_FILE].sha256,
-            "patch_size": decoder.patch_size,
-            "embed_dim": decoder.embed_dim,
-            "decoder": decoder.config,
-            "opset": OPSET,
-            "parity": parity,
-            "training": training,
-            "git_commit": git_commit(),
-            "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }
+        meta = DecoderMeta.model_validate(
+            {
+                "sha256": sha256_file(tmp),
+                "bytes": tmp.stat().st_size,
+                "backbone": manifest.name,
+                "backbone_sha256": manifest.model_sha256,
+                "patch_size": decoder.patch_size,
+                "embed_dim": decoder.embed_dim,
+                "decoder": decoder.config,
+                "opset": OPSET,
+                "parity": parity,
+                "training": training,
+                "git_commit": git_commit(),
+                "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            }
+        )
         os.chmod(tmp, 0o644)
-        os.replace(tmp, model_dir / DECODER_FILE)
-        meta_tmp = model_dir / f".{DECODER_META}.tmp"
-        meta_tmp.write_text(json.dumps(meta, indent=2) + "\n")
-        os.replace(meta_tmp, model_dir / DECODER_META)
+        replace_atomic(tmp, model_dir / DECODER_FILE)
+        # decoder.json last: it names the sha256 of the file now in place.
+        write_text_atomic(model_dir / DECODER_META, meta.model_dump_json(indent=2) + "\n")
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     log.info(
         "decoder: %s (%.1f MB, parity max diff %.1e) in %.1f s",
         model_dir / DECODER_FILE,
-        meta["bytes"] / 1e6,
-        max(c["max_abs_diff"] for c in parity),
+        meta.bytes / 1e6,
+        max(c.max_abs_diff for c in parity),
         time.perf_counter() - t0,
     )
     return model_dir / DECODER_META

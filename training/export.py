@@ -32,9 +32,10 @@ import onnx
 import torch
 from torch import nn
 
-from service.manifest import (
+from artifact import (
     INT8_FILE,
     MODEL_FILE,
+    NAME_PATTERN,
     EvalTransform,
     FileEntry,
     Manifest,
@@ -44,7 +45,9 @@ from service.manifest import (
     sha256_file,
     write_manifest,
 )
-from training.atomic import STAGING_DIR, publish_dir, remove_stale
+from artifact.files import STAGING_DIR, publish_dir, remove_stale
+from artifact.photos import load_photo
+from artifact.transform import eval_pixels
 from training.onnx_graph import (
     EXPORTER,
     OPSET,
@@ -53,18 +56,11 @@ from training.onnx_graph import (
     output_names,
     token_layers,
 )
-from training.parity import (
-    check_parity,
-    load_photo,
-    parity_inputs,
-    preprocess,
-)
+from training.parity import check_parity, parity_inputs
 from training.quantize import MIN_INT8_COSINE, int8_variant
 
 # Named explicitly: run as ``python -m`` this module is ``__main__``.
 log = logging.getLogger("training.export")
-
-_NAME_PATTERN = Manifest.model_fields["name"].metadata[0].pattern
 
 
 def knn_eval_sizes(image_size: int) -> tuple[int, int]:
@@ -114,7 +110,7 @@ def export_backbone(
     disagree. With ``int8`` the int8 variant is kept only if its min embedding cosine vs fp32 on
     the bundled photos reaches ``int8_min_cosine``; otherwise it is skipped with a warning.
     """
-    if not isinstance(name, str) or not re.fullmatch(_NAME_PATTERN, name):
+    if not isinstance(name, str) or not re.fullmatch(NAME_PATTERN, name):
         raise ValueError(
             f"model name {name!r} is not allowed: use 1-64 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit"
@@ -163,7 +159,7 @@ def export_backbone(
         )
 
         t0 = time.perf_counter()
-        photo = preprocess(
+        photo = eval_pixels(
             load_photo("astronaut"),
             round(train_image_size * eval_resize / eval_crop),
             train_image_size,

@@ -223,7 +223,7 @@ def _stats(args: argparse.Namespace, ckpt: dict) -> tuple[tuple, tuple]:
     from training.perceptual import checkpoint_stats
 
     if args.model_dir is not None:
-        from service.manifest import load_manifest
+        from artifact import load_manifest
 
         m = load_manifest(args.model_dir, verify_files=False)
         return tuple(m.mean), tuple(m.std)
@@ -235,7 +235,7 @@ def check_served_backbone(tokens: Tokens, model_dir: Path, images: Tensor) -> fl
     ``images``; below 0.999 the decoder would be exported beside weights it never saw."""
     import onnxruntime as ort
 
-    from service.manifest import INPUT_NAME, MODEL_FILE
+    from artifact import INPUT_NAME, MODEL_FILE
 
     session = ort.InferenceSession(str(model_dir / MODEL_FILE), providers=["CPUExecutionProvider"])
     x = (images - tokens.mean) / tokens.std

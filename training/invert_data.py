@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
+from artifact.photos import load_photo
 from training.data import DatasetError, scan_image_folder
 
 # Bundled scikit-image photos (offline). The held-out ones never feed training in the benchmark.
@@ -37,14 +38,6 @@ TRAIN_PHOTOS = (
 )
 HELD_OUT_PHOTOS = ("chelsea", "camera", "coffee")
 MAX_SIDE = 512  # photos are shrunk to this long side: crops then hold whole objects
-
-
-def load_photo(name: str) -> Image.Image:
-    import skimage.data  # heavy import, only needed here
-
-    if not hasattr(skimage.data, name):
-        raise DatasetError(f"scikit-image has no photo {name!r}")
-    return Image.fromarray(getattr(skimage.data, name)()).convert("RGB")
 
 
 def load_images(data: str | Path | None, names: Sequence[str] = TRAIN_PHOTOS) -> list[Tensor]:

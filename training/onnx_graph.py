@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from service.manifest import INPUT_NAME, LAYER_TOKENS, RESNET_OUTPUTS, VIT_OUTPUTS
+from artifact import INPUT_NAME, LAYER_TOKENS, RESNET_OUTPUTS, VIT_OUTPUTS
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +104,35 @@ def dynamic_axes(names: tuple[str, ...]) -> dict[str, dict[int, str]]:
     return axes
 
 
+def trace_to_onnx(
+    module: nn.Module,
+    sample: Tensor,
+    path: Path,
+    input_name: str,
+    outputs: tuple[str, ...],
+    axes: dict[str, dict[int, str]],
+) -> None:
+    """The TorchScript exporter (``dynamo=False``) at ``OPSET``, one self-contained file, with
+    the dynamic ``axes`` named; shared by the backbone and the decoder exports."""
+    with warnings.catch_warnings(), torch.no_grad():
+        # Deprecation of this exporter, and tracer notes about Python ints that are constants by
+        # design (the trained grid size): both expected.
+        warnings.simplefilter("ignore", category=DeprecationWarning)
+        warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
+        torch.onnx.export(
+            module,
+            (sample,),
+            str(path),
+            dynamo=False,
+            external_data=False,
+            opset_version=OPSET,
+            input_names=[input_name],
+            output_names=list(outputs),
+            dynamic_axes=axes,
+            do_constant_folding=True,
+        )
+
+
 def export_onnx(backbone: nn.Module, path: Path, image_size: int) -> None:
     """Write ``backbone`` (a CPU float32 eval copy, see ``inference_copy``) to ``path``.
 
@@ -117,21 +146,5 @@ def export_onnx(backbone: nn.Module, path: Path, image_size: int) -> None:
         )
     names = output_names(backbone)
     sample = torch.randn(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
-    with warnings.catch_warnings(), torch.no_grad():
-        # Deprecation of this exporter, and tracer notes about Python ints that are constants by
-        # design (the trained grid size): both expected.
-        warnings.simplefilter("ignore", category=DeprecationWarning)
-        warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
-        torch.onnx.export(
-            FeatureGraph(backbone),
-            (sample,),
-            str(path),
-            dynamo=False,
-            external_data=False,
-            opset_version=OPSET,
-            input_names=[INPUT_NAME],
-            output_names=list(names),
-            dynamic_axes=dynamic_axes(names),
-            do_constant_folding=True,
-        )
+    trace_to_onnx(FeatureGraph(backbone), sample, path, INPUT_NAME, names, dynamic_axes(names))
     log.debug("wrote %s (%d bytes)", path, path.stat().st_size)

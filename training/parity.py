@@ -1,4 +1,5 @@
-"""Check an exported graph against PyTorch, and preprocess the bundled photos both checks use."""
+"""Check an exported graph against PyTorch, and preprocess the bundled photos both checks use
+(with ``artifact.transform``, the server's own eval transform)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
-from PIL import Image
 from torch import nn
 
-from service.manifest import INPUT_NAME, LAYER_TOKENS, ParityCheck
+from artifact import INPUT_NAME, LAYER_TOKENS, EvalTransform, ParityCheck
+from artifact.cosine import row_cosines
+from artifact.photos import load_photo
+from artifact.transform import eval_pixels
 from training.onnx_graph import FeatureGraph
 
 log = logging.getLogger(__name__)
@@ -40,48 +43,18 @@ class ParityError(RuntimeError):
     """The exported graph does not compute what the PyTorch model computes."""
 
 
-def load_photo(name: str) -> Image.Image:
-    import skimage.data  # heavy import, only needed here
-
-    return Image.fromarray(getattr(skimage.data, name)()).convert("RGB")
-
-
-def preprocess(
-    image: Image.Image,
-    resize: int,
-    crop: int,
-    mean: Sequence[float],
-    std: Sequence[float],
-    interpolation: str = "bicubic",
-) -> np.ndarray:
-    """DINO's eval transform: short side to ``resize``, centre crop ``crop``, normalise.
-    Returns float32 ``[3, crop, crop]``."""
-    resample = Image.Resampling.BICUBIC if interpolation == "bicubic" else Image.Resampling.BILINEAR
-    w, h = image.size
-    scale = resize / min(w, h)
-    new_w, new_h = max(crop, round(w * scale)), max(crop, round(h * scale))
-    image = image.resize((new_w, new_h), resample)
-    left, top = (new_w - crop) // 2, (new_h - crop) // 2
-    image = image.crop((left, top, left + crop, top + crop))
-    pixels = np.asarray(image, dtype=np.float32) / 255.0
-    pixels = (pixels - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
-    return np.ascontiguousarray(pixels.transpose(2, 0, 1))
-
-
 def photo_batch(
-    names: Sequence[str], resize: int, crop: int, mean: Sequence[float], std: Sequence[float]
+    names: Sequence[str], transform: EvalTransform, mean: Sequence[float], std: Sequence[float]
 ) -> np.ndarray:
-    return np.stack([preprocess(load_photo(n), resize, crop, mean, std) for n in names])
+    """Bundled photos through the server's eval transform: float32 ``[N, 3, crop, crop]``."""
+    t = transform
+    return np.stack(
+        [eval_pixels(load_photo(n), t.resize, t.crop, mean, std, t.interpolation) for n in names]
+    )
 
 
 def ort_session(path: Path) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-
-
-def row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a, b = a.astype(np.float64), b.astype(np.float64)
-    denom = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-    return (a * b).sum(axis=1) / np.maximum(denom, 1e-12)
 
 
 def parity_inputs(
@@ -105,6 +78,47 @@ def parity_inputs(
     ]
 
 
+def _max_diff(out: dict, ref: dict, name: str) -> float | None:
+    return float(np.abs(out[name] - ref[name]).max()) if name in out else None
+
+
+def _compare(x: np.ndarray, out: dict, ref: dict) -> ParityCheck:
+    """One input's ``ParityCheck``; ``ParityError`` when an embedding's or a layer token's
+    (ViT ``layer_tokens``: what ``/distance`` compares) cosine is below ``MIN_FP32_COSINE``."""
+    cosine = float(row_cosines(out["embedding"], ref["embedding"]).min())
+    check = ParityCheck(
+        shape=tuple(x.shape),
+        embedding_max_abs_diff=_max_diff(out, ref, "embedding"),
+        embedding_cosine_min=cosine,
+        attention_max_abs_diff=_max_diff(out, ref, "attention"),
+        layer_tokens_max_abs_diff=_max_diff(out, ref, LAYER_TOKENS),
+    )
+    extra = {  # patch tokens are logged only: the manifest's ParityCheck has no field for them
+        k: f"{_max_diff(out, ref, k):.2e}"
+        for k in ("attention", "patch_tokens", LAYER_TOKENS)
+        if k in out
+    }
+    log.info(
+        "parity %s: embedding max|diff| %.2e, cosine %.7f%s",
+        "x".join(map(str, x.shape)),
+        check.embedding_max_abs_diff,
+        cosine,
+        "".join(f", {k} max|diff| {v}" for k, v in extra.items()),
+    )
+    cosines = {"embedding": cosine}
+    if LAYER_TOKENS in out:  # every token of every exported block: what /distance compares
+        d = out[LAYER_TOKENS].shape[-1]
+        flat = out[LAYER_TOKENS].reshape(-1, d), ref[LAYER_TOKENS].reshape(-1, d)
+        cosines["layer token"] = float(row_cosines(*flat).min())
+    for what, value in cosines.items():
+        if not np.isfinite(value) or value < MIN_FP32_COSINE:
+            raise ParityError(
+                f"onnxruntime and PyTorch disagree at input {x.shape}: {what} cosine "
+                f"{value:.6f} < {MIN_FP32_COSINE}; refusing to write this artifact"
+            )
+    return check
+
+
 def check_parity(
     backbone: nn.Module, onnx_path: Path, inputs: Sequence[np.ndarray]
 ) -> tuple[ParityCheck, ...]:
@@ -126,45 +140,5 @@ def check_parity(
                     f"PyTorch {e.shape}; the graph is not dynamic in this dimension"
                 )
         out = dict(zip(names, got, strict=True))
-        ref = dict(zip(names, expected, strict=True))
-        cosine = float(row_cosines(out["embedding"], ref["embedding"]).min())
-        check = ParityCheck(
-            shape=tuple(x.shape),
-            embedding_max_abs_diff=float(np.abs(out["embedding"] - ref["embedding"]).max()),
-            embedding_cosine_min=cosine,
-            attention_max_abs_diff=(
-                float(np.abs(out["attention"] - ref["attention"]).max())
-                if "attention" in out
-                else None
-            ),
-            layer_tokens_max_abs_diff=(
-                float(np.abs(out[LAYER_TOKENS] - ref[LAYER_TOKENS]).max())
-                if LAYER_TOKENS in out
-                else None
-            ),
-        )
-        extra = {  # patch tokens are logged only: the manifest's ParityCheck has no field for them
-            k: f"{np.abs(out[k] - ref[k]).max():.2e}"
-            for k in ("attention", "patch_tokens", LAYER_TOKENS)
-            if k in out
-        }
-        log.info(
-            "parity %s: embedding max|diff| %.2e, cosine %.7f%s",
-            "x".join(map(str, x.shape)),
-            check.embedding_max_abs_diff,
-            cosine,
-            "".join(f", {k} max|diff| {v}" for k, v in extra.items()),
-        )
-        cosines = {"embedding": cosine}
-        if LAYER_TOKENS in out:  # every token of every exported block: what /distance compares
-            d = out[LAYER_TOKENS].shape[-1]
-            flat = out[LAYER_TOKENS].reshape(-1, d), ref[LAYER_TOKENS].reshape(-1, d)
-            cosines["layer token"] = float(row_cosines(*flat).min())
-        for what, value in cosines.items():
-            if not np.isfinite(value) or value < MIN_FP32_COSINE:
-                raise ParityError(
-                    f"onnxruntime and PyTorch disagree at input {x.shape}: {what} cosine "
-                    f"{value:.6f} < {MIN_FP32_COSINE}; refusing to write this artifact"
-                )
-        checks.append(check)
+        checks.append(_compare(x, out, dict(zip(names, expected, strict=True))))
     return tuple(checks)

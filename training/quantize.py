@@ -10,8 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
-from service.manifest import INPUT_NAME, INT8_FILE, MODEL_FILE, EvalTransform, Variant
-from training.parity import PHOTO_NAMES, ort_session, photo_batch, row_cosines
+from artifact import INPUT_NAME, INT8_FILE, MODEL_FILE, EvalTransform, Variant
+from artifact.cosine import row_cosines
+from training.parity import PHOTO_NAMES, ort_session, photo_batch
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +96,7 @@ def int8_variant(
             "(ResNets are all Conv); the artifact has the fp32 model only"
         )
         return {}
-    photos = photo_batch(PHOTO_NAMES, transform.resize, transform.crop, mean, std)
+    photos = photo_batch(PHOTO_NAMES, transform, mean, std)
     result = compare_int8(tmp / MODEL_FILE, int8_path, photos, threshold)
     took = time.perf_counter() - t0
     if not result.kept:

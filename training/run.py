@@ -22,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-from training.checkpoints import file_sha256, read_checkpoint
+from artifact import sha256_file
+from training.checkpoints import read_checkpoint
 from training.config import PRESETS, TrainConfig, add_config_flags, config_from_args
 from training.data import DatasetError, load_splits
 from training.distributed import DistInfo, barrier, cleanup, init_distributed
@@ -109,7 +110,7 @@ def export_teacher(trainer: Trainer, cfg: TrainConfig, knn: dict | None, name: s
         "source": "training",
         "git_commit": git_commit(),
         "training_config": cfg.to_dict(),
-        "checkpoint_sha256": file_sha256(ckpt) if ckpt.is_file() else None,
+        "checkpoint_sha256": sha256_file(ckpt) if ckpt.is_file() else None,
     }
     return export_backbone(
         trainer.teacher.backbone,

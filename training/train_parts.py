@@ -13,20 +13,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from artifact.cpu import cpu_has_bf16
 from training.backbones import build_backbone
 from training.config import TrainConfig
 from training.head import DINOHead, MultiCropWrapper
 
 log = logging.getLogger(__name__)
-
-
-def cpu_has_bf16() -> bool:
-    """True when the CPU has bf16 matrix units (AMX) or AVX-512 bf16 instructions."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
 def resolve_precision(precision: str, device: str | torch.device) -> str:

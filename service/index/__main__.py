@@ -15,14 +15,14 @@ import sys
 from functools import partial
 from pathlib import Path
 
-from service.engines import open_engine
+from artifact import ArtifactError, load_manifest
+from service.engine_choice import open_engine
 from service.index.build import build_folder, embed_files, load_metadata
 from service.index.errors import IndexStoreError
 from service.index.lock import DataDirBusy, DirLock
 from service.index.meta import read_info
 from service.index.rebuild import rebuild
 from service.index.store import IndexStore
-from service.manifest import ArtifactError, load_manifest
 from service.settings import Settings, SettingsError, find_model_dir
 
 log = logging.getLogger("service.index")

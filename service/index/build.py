@@ -1,9 +1,9 @@
 """Embed a folder of images into the index (``python -m service.index build``), resumably.
 
 Images go through the server's own decoding (``service.images``), preprocessing
-(``service.preprocess``) and onnxruntime engine (``service.engine``), so a built item's vector is
-exactly what ``POST /items`` would store. Item ids are the paths relative to the folder, with
-'/' written as ':' (ids appear in URL paths); a path that cannot be an id gets ``h:<sha256>``.
+(``service.preprocess``) and onnxruntime engine (``service.engine_onnxruntime``), so a built item's
+vector is exactly what ``POST /items`` would store. Item ids are the paths relative to the folder,
+with '/' written as ':' (ids appear in URL paths); a path that cannot be an id gets ``h:<sha256>``.
 A second run skips every id already indexed, so an interrupted build resumes where it stopped.
 Of two paths with one id ('a/b.jpg' and 'a:b.jpg') the one already indexed (else the first by
 name) keeps it and the other fails with a message; links out of ``--images`` are not followed.
@@ -22,12 +22,13 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from service.engine import Engine, l2_normalise
+from artifact import Manifest
+from artifact.cosine import l2_normalise
+from service.engine_choice import Engine
 from service.images import ImageError, decode_image, thumbnail_jpeg
 from service.index.errors import InvalidItemError
 from service.index.store import IndexStore
 from service.index.validate import check_id
-from service.manifest import Manifest
 from service.preprocess import eval_pixels
 
 log = logging.getLogger(__name__)

@@ -137,9 +137,6 @@ class ItemDB:
             ]
         return found
 
-    def all_ids(self) -> set[str]:
-        return {r[0] for r in self.conn.execute("SELECT id FROM items")}
-
     def row_numbers(self) -> np.ndarray:
         rows = self.conn.execute("SELECT row FROM items ORDER BY row").fetchall()
         return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))

@@ -25,11 +25,12 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from tqdm import tqdm
 
+from artifact.files import fsync_dir
 from service.index.db import DB_FILE, ItemDB
 from service.index.errors import IndexStoreError
 from service.index.lock import DirLock
 from service.index.meta import read_info
-from service.index.snapshot import SNAPSHOT_FILE, fsync_dir
+from service.index.snapshot import SNAPSHOT_FILE
 from service.index.store import IndexStore
 
 log = logging.getLogger(__name__)

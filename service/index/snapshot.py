@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import struct
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from artifact.files import atomic_write
 
 SNAPSHOT_FILE = "index.faiss"
 MAGIC = b"DINOIDX1"
@@ -35,30 +35,9 @@ def write_snapshot(path: Path, header: dict, payload: np.ndarray) -> None:
         "payload_sha256": hashlib.sha256(data).hexdigest(),
     }
     head = json.dumps(header, sort_keys=True).encode()
-    # A fresh name created with O_EXCL (mkstemp): a symlink planted beside the snapshot is never
-    # opened, so its target cannot be overwritten.
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    tmp = Path(tmp_name)
-    try:
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(MAGIC + _LEN.pack(len(head)) + head)
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fsync_dir(path.parent)
-
-
-def fsync_dir(directory: Path) -> None:
-    """Make a rename durable (the directory entry lives in the directory's own blocks)."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    with atomic_write(path) as fh:
+        fh.write(MAGIC + _LEN.pack(len(head)) + head)
+        fh.write(data)
 
 
 def read_snapshot(path: Path) -> tuple[dict, np.ndarray]:

@@ -7,21 +7,49 @@
   without bf16). Needs the optional ``openvino`` package (extra ``fast``).
 * ``auto``: openvino with bf16 when the package is installed and the CPU has bf16, otherwise
   onnxruntime fp32; the choice is logged.
+
+Every graph the server runs (the model, and the decoder beside it) is opened here, so all of
+them follow the same choice.
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Protocol
 
-from service.engine import Engine, load_engine, model_file
-from service.manifest import ArtifactError, Manifest
+import numpy as np
+
+from artifact.manifest import ArtifactError, Manifest
+from artifact.names import INT8_FILE, MODEL_FILE
 from service.settings import SettingsError
 
 log = logging.getLogger(__name__)
 
 ENGINES = ("auto", "onnxruntime", "openvino")
 PRECISIONS = ("auto", "fp32", "bf16")
+
+
+class Engine(Protocol):
+    """What the batcher and the routes need from an engine; ``OrtEngine`` and
+    ``OpenVinoEngine`` both have it."""
+
+    input_name: str
+    output_names: tuple[str, ...]
+
+    def run(self, pixels: np.ndarray, outputs: tuple[str, ...]) -> dict[str, np.ndarray]: ...
+
+
+def model_file(manifest: Manifest, variant: str) -> str:
+    """The ONNX file name for ``fp32`` or a variant key listed in the manifest (e.g. ``int8``)."""
+    if variant == "fp32":
+        return MODEL_FILE
+    if variant in manifest.variants:
+        return manifest.variants[variant].file
+    if variant == "int8" and INT8_FILE in manifest.files:
+        return INT8_FILE
+    have = ", ".join(["fp32", *manifest.variants]) or "fp32"
+    raise ArtifactError(f"model {manifest.name!r} has no {variant!r} variant (it has: {have})")
 
 
 def resolve(engine: str, precision: str, variant: str = "fp32") -> tuple[str, str]:
@@ -61,6 +89,33 @@ def openvino_streams(streams: int, threads: int) -> int:
     return max(1, min(streams, threads))
 
 
+def open_graph(
+    path: Path,
+    input_name: str,
+    threads: int,
+    engine: str,
+    precision: str,
+    variant: str = "fp32",
+    streams: int = 1,
+) -> Engine:
+    """Any ONNX graph of the artifact on the chosen engine (``streams``: OpenVINO's
+    ``DINO_ENGINE_STREAMS``, already resolved by ``openvino_streams``)."""
+    kind, prec = resolve(engine, precision, variant)
+    if kind == "onnxruntime":
+        from service.engine_onnxruntime import OrtEngine
+
+        return OrtEngine(path, threads, input_name)
+    from service.engine_openvino import OpenVinoEngine
+
+    return OpenVinoEngine(path, threads, input_name, prec, streams)
+
+
+def check_outputs(engine: Engine, manifest: Manifest, path: Path) -> None:
+    missing = set(manifest.outputs) - set(engine.output_names)
+    if missing:
+        raise ArtifactError(f"{path} lacks outputs {sorted(missing)} that its manifest lists")
+
+
 def open_engine(
     model_dir: Path,
     manifest: Manifest,
@@ -72,19 +127,17 @@ def open_engine(
 ) -> Engine:
     """Load the served model with the chosen engine; ``ArtifactError`` when it cannot.
     ``streams`` (OpenVINO only; see ``openvino_streams``) is how many batches run at once."""
-    kind, prec = resolve(engine, precision, variant)
+    kind, _ = resolve(engine, precision, variant)
     if kind == "onnxruntime":
-        return load_engine(model_dir, manifest, variant, threads)
-    from service.engine_openvino import OpenVinoEngine
+        from service.engine_onnxruntime import load_engine
 
+        return load_engine(model_dir, manifest, variant, threads)
     path = Path(model_dir) / model_file(manifest, variant)
     streams = openvino_streams(streams, threads)
-    opened = OpenVinoEngine(path, threads, manifest.input_name, prec, streams)
-    missing = set(manifest.outputs) - set(opened.output_names)
-    if missing:
-        raise ArtifactError(f"{path} lacks outputs {sorted(missing)} that its manifest lists")
+    opened = open_graph(path, manifest.input_name, threads, engine, precision, variant, streams)
+    check_outputs(opened, manifest, path)
     log.info(
         "loaded %s with OpenVINO (%s, %s, %d threads, %d streams)",
-        path, variant, opened.precision, threads, opened.parallel_calls,
+        path, variant, opened.precision, threads, opened.parallel_calls,  # type: ignore[attr-defined]
     )  # fmt: skip
     return opened

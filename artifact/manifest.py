@@ -1,39 +1,39 @@
-"""The model artifact contract: ``models/<name>/manifest.json`` beside ``model.onnx``.
+"""``models/<name>/manifest.json``: what an exported model is and how to feed it.
 
-Written by ``training.export`` and read by the server. Torch-free on purpose: this module is the
-only piece of ``service`` that ``training`` imports.
+Written by ``training.export``, read by the server. ``FORMAT_VERSION`` goes up on every change
+to the artifact contract (files, fields, outputs, preprocessing); a reader refuses versions it
+does not know with a message naming both versions and the fix.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-MANIFEST_NAME = "manifest.json"
-MODEL_FILE = "model.onnx"
-INT8_FILE = "model.int8.onnx"
-INPUT_NAME = "pixel_values"
-LAYER_TOKENS = "layer_tokens"
-# What a ViT export writes today; artifacts exported before ``layer_tokens`` existed still load.
-VIT_OUTPUTS = ("embedding", "patch_tokens", "attention", LAYER_TOKENS)
-LEGACY_VIT_OUTPUTS = VIT_OUTPUTS[:3]
-RESNET_OUTPUTS = ("embedding",)
-FORMAT_VERSION = 1
+from artifact import names
+from artifact.files import sha256_file, write_text_atomic
+
+# 2: the eval transform is pinned to torchvision's rounding everywhere (parity check, int8 gate,
+#    server) and decoder.json is a typed schema. The files are those of version 1, so version-1
+#    folders are still read (READABLE_VERSIONS); new exports are always written as version 2.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 
 
 class ArtifactError(ValueError):
     """The artifact on disk is missing, malformed or does not match its manifest."""
 
 
-class _Strict(BaseModel):
+class Strict(BaseModel):
+    """Unknown fields are errors: a typo or a newer writer's field never passes silently."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class EvalTransform(_Strict):
+class EvalTransform(Strict):
     """DINO's k-NN protocol: resize the short side, centre-crop, normalise."""
 
     resize: int = Field(gt=0)
@@ -47,12 +47,12 @@ class EvalTransform(_Strict):
         return self
 
 
-class FileEntry(_Strict):
+class FileEntry(Strict):
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     bytes: int = Field(gt=0)
 
 
-class Variant(_Strict):
+class Variant(Strict):
     """An extra ONNX file with the same inputs and outputs (e.g. int8)."""
 
     file: str
@@ -61,7 +61,7 @@ class Variant(_Strict):
     embedding_cosine_mean: float
 
 
-class ParityCheck(_Strict):
+class ParityCheck(Strict):
     """ONNX Runtime vs PyTorch at one input shape."""
 
     shape: tuple[int, int, int, int]
@@ -71,7 +71,7 @@ class ParityCheck(_Strict):
     layer_tokens_max_abs_diff: float | None = None
 
 
-class Provenance(_Strict):
+class Provenance(Strict):
     source: Literal["training", "checkpoint", "random"]
     checkpoint_sha256: str | None = None
     git_commit: str | None = None
@@ -81,9 +81,9 @@ class Provenance(_Strict):
     exporter: str
 
 
-class Manifest(_Strict):
+class Manifest(Strict):
     format_version: int = FORMAT_VERSION
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    name: str = Field(pattern=names.NAME_PATTERN)
     arch: str
     family: Literal["vit", "resnet"]
     patch_size: int | None = Field(default=None, gt=0)
@@ -98,7 +98,7 @@ class Manifest(_Strict):
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     eval_transform: EvalTransform
-    input_name: str = INPUT_NAME
+    input_name: str = names.INPUT_NAME
     outputs: tuple[str, ...]
     opset: int
     files: dict[str, FileEntry]
@@ -112,15 +112,19 @@ class Manifest(_Strict):
         if self.family == "vit":
             if self.patch_size is None or self.num_heads is None:
                 raise ValueError("a ViT manifest needs patch_size and num_heads")
-            if tuple(self.outputs) not in (VIT_OUTPUTS, LEGACY_VIT_OUTPUTS):
-                raise ValueError(f"a ViT artifact has outputs {VIT_OUTPUTS}, got {self.outputs}")
+            if tuple(self.outputs) not in (names.VIT_OUTPUTS, names.LEGACY_VIT_OUTPUTS):
+                raise ValueError(
+                    f"a ViT artifact has outputs {names.VIT_OUTPUTS}, got {self.outputs}"
+                )
             self._check_token_layers()
-        elif tuple(self.outputs) != RESNET_OUTPUTS:
-            raise ValueError(f"a ResNet artifact has outputs {RESNET_OUTPUTS}, got {self.outputs}")
+        elif tuple(self.outputs) != names.RESNET_OUTPUTS:
+            raise ValueError(
+                f"a ResNet artifact has outputs {names.RESNET_OUTPUTS}, got {self.outputs}"
+            )
         elif self.token_layers is not None:
             raise ValueError("token_layers is for ViT artifacts only")
-        if MODEL_FILE not in self.files:
-            raise ValueError(f"files must list {MODEL_FILE}")
+        if names.MODEL_FILE not in self.files:
+            raise ValueError(f"files must list {names.MODEL_FILE}")
         for key, variant in self.variants.items():
             if variant.file not in self.files:
                 raise ValueError(f"variant {key!r} names {variant.file}, which files does not list")
@@ -130,8 +134,10 @@ class Manifest(_Strict):
 
     def _check_token_layers(self) -> None:
         layers = self.token_layers
-        if (LAYER_TOKENS in self.outputs) != (layers is not None):
-            raise ValueError(f"token_layers goes with the {LAYER_TOKENS} output, and only with it")
+        if (names.LAYER_TOKENS in self.outputs) != (layers is not None):
+            raise ValueError(
+                f"token_layers goes with the {names.LAYER_TOKENS} output, and only with it"
+            )
         if layers is None:
             return
         if not layers or list(layers) != sorted(set(layers)) or layers[0] < 0:
@@ -146,51 +152,77 @@ class Manifest(_Strict):
     @property
     def has_layer_tokens(self) -> bool:
         """Whether the graph gives several blocks' patch tokens (older ViT exports do not)."""
-        return LAYER_TOKENS in self.outputs
+        return names.LAYER_TOKENS in self.outputs
 
     @property
     def model_sha256(self) -> str:
         """Identity of the served weights (the fp32 file); the index is keyed on it."""
-        return self.files[MODEL_FILE].sha256
+        return self.files[names.MODEL_FILE].sha256
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+def check_version(path: Path, version: Any) -> None:
+    """Raise ``ArtifactError`` for a format version this build cannot read, saying the fix."""
+    if version in READABLE_VERSIONS:
+        return
+    readable = ", ".join(map(str, READABLE_VERSIONS))
+    newer = isinstance(version, int) and version > FORMAT_VERSION
+    fix = (
+        "upgrade this server to a release that reads it, or re-export the model with this "
+        "version's `python -m training.export`"
+        if newer
+        else "re-export the model with this version's `python -m training.export`"
+    )
+    raise ArtifactError(
+        f"{path} has format_version {version!r}; this build reads format_version {readable} "
+        f"(and writes {FORMAT_VERSION}): {fix}"
+    )
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object from ``path`` whose format version this build reads; ``ArtifactError``
+    otherwise. The version is checked before the fields, so a newer file's new fields give the
+    version message rather than a list of unknown fields."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"{path} is not readable JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ArtifactError(f"{path} must hold a JSON object, not {type(data).__name__}")
+    check_version(path, data.get("format_version"))
+    return data
+
+
+def verify_file(model_dir: Path, name: str, sha256: str) -> None:
+    """``ArtifactError`` unless ``model_dir/name`` exists with this sha256."""
+    file = model_dir / name
+    if not file.is_file():
+        raise ArtifactError(f"{file} is listed in {model_dir} but missing")
+    if sha256_file(file) != sha256:
+        raise ArtifactError(f"{file} does not match its recorded sha256; re-export")
 
 
 def load_manifest(model_dir: Path | str, verify_files: bool = True) -> Manifest:
     """Read and validate ``model_dir/manifest.json``; optionally check every file's sha256."""
     model_dir = Path(model_dir)
-    path = model_dir / MANIFEST_NAME
+    path = model_dir / names.MANIFEST_NAME
     if not path.is_file():
         raise ArtifactError(
             f"{path} not found: export a model with `python -m training.export` "
             "or train one with `python -m training.run`"
         )
+    data = read_json(path)
     try:
-        manifest = Manifest.model_validate(json.loads(path.read_text()))
-    except (json.JSONDecodeError, ValidationError) as exc:
+        manifest = Manifest.model_validate(data)
+    except ValidationError as exc:
         raise ArtifactError(f"{path} is not a valid manifest: {exc}") from exc
-    if manifest.format_version != FORMAT_VERSION:
-        raise ArtifactError(
-            f"{path} has format_version {manifest.format_version}; this build reads "
-            f"{FORMAT_VERSION}. Re-export the model with this version of the project."
-        )
     if verify_files:
         for name, entry in manifest.files.items():
-            file = model_dir / name
-            if not file.is_file():
-                raise ArtifactError(f"{file} is listed in the manifest but missing")
-            if sha256_file(file) != entry.sha256:
-                raise ArtifactError(f"{file} does not match its sha256 in the manifest; re-export")
+            verify_file(model_dir, name, entry.sha256)
     return manifest
 
 
 def write_manifest(manifest: Manifest, model_dir: Path | str) -> Path:
-    path = Path(model_dir) / MANIFEST_NAME
-    path.write_text(json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n")
+    """Write ``model_dir/manifest.json`` (atomically: a reader never sees half of it)."""
+    path = Path(model_dir) / names.MANIFEST_NAME
+    write_text_atomic(path, json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n")
     return path
