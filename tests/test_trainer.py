@@ -57,6 +57,17 @@ def tiny_config(**kw) -> TrainConfig:
         precision="fp32",
         log_every=1,
         freeze_last_layer=0.5,
+        # DINO's values, which these tests check against (the defaults are the quickstart's).
+        batch_augment=False,
+        drop_path_rate=0.1,
+        use_bn_in_head=False,
+        norm_last_layer=True,
+        lr=2e-3,
+        weight_decay_end=0.4,
+        momentum_teacher=0.996,
+        momentum_teacher_end=1.0,
+        warmup_teacher_temp=0.04,
+        teacher_temp=0.04,
     )
     return TrainConfig(**{**base, **kw})
 
