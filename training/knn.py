@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> dict:
     from training.checkpoints import load_backbone_weights, read_checkpoint
     from training.config import TrainConfig
     from training.data import load_splits
-    from training.train_parts import resolve_precision
+    from training.precision import resolve_precision
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     args = _parse(argv)
