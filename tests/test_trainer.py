@@ -247,7 +247,7 @@ def test_tiny_end_to_end_training_learns(tmp_path):
 
 
 def test_knn_command_on_a_training_checkpoint(tmp_path):
-    from training.knn import main as knn_main
+    from training.knn import run as knn_main
 
     images, labels = digits(60)
     for i, (image, label) in enumerate(zip(images, labels, strict=True)):
