@@ -302,12 +302,20 @@ def _bool(text: str) -> bool:
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
     """One ``--field-name`` flag per config field (default: the preset's value)."""
+    from training.config_help import field_help
+
     hints = typing.get_type_hints(TrainConfig)
+    configs = {name: preset(name) for name in PRESETS}
     for f in fields(TrainConfig):
         if f.name == "preset":
             continue
         hint = str(hints[f.name])
-        kw: dict = {"default": argparse.SUPPRESS, "dest": f.name}
+        values = {name: getattr(cfg, f.name) for name, cfg in configs.items()}
+        kw: dict = {
+            "default": argparse.SUPPRESS,
+            "dest": f.name,
+            "help": field_help(f.name, values),
+        }
         if "tuple" in hint:
             kw.update(type=float, nargs="+", metavar="X")
         elif "bool" in hint:
