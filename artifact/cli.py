@@ -18,6 +18,7 @@ of an expected error too.
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -81,3 +82,18 @@ def run_cli(
         print(f"{prog or _prog(main)}: {what}", file=sys.stderr, flush=True)
         return status
     return result if isinstance(result, int) and not isinstance(result, bool) else EXIT_OK
+
+
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Appends ``(default: X)`` to a flag's help when it has a real default and the help does
+    not already say it (argparse's own formatter also prints ``None`` and ``False``)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        unset = default is None or default is False or default == argparse.SUPPRESS
+        if unset or "default" in text.lower():
+            return text
+        if action.option_strings or action.nargs in (argparse.OPTIONAL, argparse.ZERO_OR_MORE):
+            return f"{text} (default: %(default)s)"
+        return text

@@ -77,3 +77,15 @@ def test_invert_missing_checkpoint_exits_2(tmp_path):
     proc = _cli("training.invert", "--checkpoint", str(tmp_path / "none.pth"), "--no-progress")
     assert proc.returncode == 2 and "none.pth" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_every_training_flag_says_its_default_and_when_to_change_it():
+    from training.run import build_parser
+
+    actions = [a for a in build_parser()._actions if a.option_strings and a.dest != "help"]
+    assert len(actions) > 50
+    for action in actions:
+        text = action.help or ""
+        assert len(text) > 30 and "default" in text.lower(), action.option_strings
+    lr = next(a for a in actions if a.dest == "lr").help
+    assert "quickstart 0.004" in lr and "vit_small 0.0005" in lr and "resnet50 0.03" in lr

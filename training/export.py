@@ -30,7 +30,7 @@ import onnx
 import torch
 from torch import nn
 
-from artifact.cli import run_cli
+from artifact.cli import DefaultsHelpFormatter, run_cli
 from service.manifest import (
     INT8_FILE,
     MODEL_FILE,
@@ -119,45 +119,26 @@ def export_backbone(
     patch = _check_request(backbone, name, train_image_size, eval_crop)
     # Validate the cheap parts first so a bad call fails before any work.
     prov = Provenance(
-        **provenance,
-        exported_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        torch_version=torch.__version__,
-        exporter=EXPORTER,
+        **provenance, exported_at=_now(), torch_version=torch.__version__, exporter=EXPORTER
     )
     transform = EvalTransform(resize=eval_resize, crop=eval_crop)
     models_dir = Path(models_dir)
-    models_dir.mkdir(parents=True, exist_ok=True)
     model = inference_copy(backbone)
     with _staging_folder(models_dir, name) as tmp:
-        photo_resize = round(train_image_size * eval_resize / eval_crop)
-        parity = _write_checked_onnx(
-            model,
-            tmp / MODEL_FILE,
-            f"{arch}/{patch}" if patch else arch,
-            train_image_size,
-            (photo_resize, mean, std),
-        )
+        photo = (round(train_image_size * eval_resize / eval_crop), mean, std)
+        what = f"{arch}/{patch}" if patch else arch
+        parity = _write_checked_onnx(model, tmp / MODEL_FILE, what, train_image_size, photo)
         variants = int8_variant(tmp, transform, mean, std, int8_min_cosine) if int8 else {}
         t0 = time.perf_counter()
-        files = {
-            f: FileEntry(sha256=sha256_file(tmp / f), bytes=(tmp / f).stat().st_size)
-            for f in (MODEL_FILE, INT8_FILE)
-            if (tmp / f).is_file()
-        }
+        files = _file_entries(tmp)
         manifest = Manifest(
             name=name,
             arch=arch,
-            family=backbone.family,
-            patch_size=patch,
-            embed_dim=backbone.embed_dim,
-            num_heads=backbone.num_heads if backbone.family == "vit" else None,
-            depth=getattr(backbone, "depth", None),
-            token_layers=token_layers(backbone),
+            **_network_fields(backbone, patch),
             train_image_size=train_image_size,
             mean=tuple(mean),
             std=tuple(std),
             eval_transform=transform,
-            outputs=output_names(backbone),
             opset=OPSET,
             files=files,
             variants=variants,
@@ -171,6 +152,32 @@ def export_backbone(
         publish_dir(tmp, final)
         log.info("write: %s (%d files) in %.1f s", final, len(files) + 1, time.perf_counter() - t0)
         return final
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _network_fields(backbone: nn.Module, patch: int | None) -> dict[str, Any]:
+    """What the manifest says about the network's shape and outputs."""
+    vit = backbone.family == "vit"
+    return {
+        "family": backbone.family,
+        "patch_size": patch,
+        "embed_dim": backbone.embed_dim,
+        "num_heads": backbone.num_heads if vit else None,
+        "depth": getattr(backbone, "depth", None),
+        "token_layers": token_layers(backbone),
+        "outputs": output_names(backbone),
+    }
+
+
+def _file_entries(folder: Path) -> dict[str, FileEntry]:
+    return {
+        f: FileEntry(sha256=sha256_file(folder / f), bytes=(folder / f).stat().st_size)
+        for f in (MODEL_FILE, INT8_FILE)
+        if (folder / f).is_file()
+    }
 
 
 def _check_request(backbone: nn.Module, name: str, train_image_size: int, eval_crop: int):
@@ -198,7 +205,7 @@ def _staging_folder(models_dir: Path, name: str) -> Iterator[Path]:
     Staged in a hidden sub-folder of the store (same filesystem, so the final move is a rename):
     a server scanning the store for <dir>/manifest.json never sees a staged or old copy."""
     staging = models_dir / STAGING_DIR
-    staging.mkdir(exist_ok=True)
+    staging.mkdir(parents=True, exist_ok=True)
     remove_stale(staging, name)
     tmp = Path(tempfile.mkdtemp(prefix=f"{name}.tmp-", dir=staging))
     try:
@@ -251,7 +258,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m training.export",
         description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument(

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from artifact.cli import UsageError, run_cli
+from artifact.cli import DefaultsHelpFormatter, UsageError, run_cli
 from training.checkpoints import read_checkpoint
 from training.decoder import PADDINGS
 from training.decoder_training import (
@@ -95,11 +95,10 @@ def check_served_backbone(tokens: Tokens, model_dir: Path, images: Tensor) -> fl
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    d = InvertConfig()
     p = argparse.ArgumentParser(
         prog="python -m training.invert",
         description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     p.add_argument("--checkpoint", type=Path, required=True, help="backbone weights, any format")
     p.add_argument(
@@ -117,6 +116,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--data", type=Path, help="image folder (default: bundled photos)")
     p.add_argument("--out", type=Path, help="run folder (default: runs/invert-<time>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    _add_training_flags(p, InvertConfig())
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs, CI)")
+    return p.parse_args(argv)
+
+
+def _add_training_flags(p: argparse.ArgumentParser, d: InvertConfig) -> None:
+    """The decoder's ``InvertConfig`` fields (``d`` gives the defaults)."""
     p.add_argument(
         "--image-size",
         type=int,
@@ -168,8 +174,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="fixed pool of this many crops, tokens computed once: much faster on CPU, less "
         "variety; 0: fresh crops every step",
     )
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs, CI)")
-    return p.parse_args(argv)
 
 
 def _config(args: argparse.Namespace) -> InvertConfig:

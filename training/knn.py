@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from artifact.cli import UsageError, run_cli
+from artifact.cli import DefaultsHelpFormatter, UsageError, run_cli
 from training.config import TrainConfig
 from training.eval_settings import (
     DEFAULT_PATCH_SIZE,
@@ -160,7 +160,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m training.knn",
         description="Weighted k-NN accuracy (DINO protocol) of a checkpoint's teacher backbone.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     p.add_argument(
         "--checkpoint",
@@ -196,6 +196,12 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         type=int,
         help="eval centre crop; default: the run's eval_crop, 224 for official checkpoints",
     )
+    _add_run_flags(p)
+    return p.parse_args(argv)
+
+
+def _add_run_flags(p: argparse.ArgumentParser) -> None:
+    """The k-NN's own settings and how it runs."""
     p.add_argument("--k", type=int, default=20, help="neighbours that vote (DINO reports 20)")
     p.add_argument(
         "--temperature", type=float, default=0.07, help="vote weight exp(sim / T), as DINO"
@@ -220,7 +226,6 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         action="store_true",
         help="evaluate the checkpoint's architecture with random weights (a baseline)",
     )
-    return p.parse_args(argv)
 
 
 def _project_backbone(state: dict, args: argparse.Namespace) -> tuple[nn.Module, TrainConfig]:

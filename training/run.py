@@ -50,6 +50,10 @@ RESUMABLE_OVERRIDES = {
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m training.run",
         description=__doc__.split("\n\n")[0],
@@ -71,7 +75,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--resume",
         action="store_true",
         help="continue the run in --out exactly where it stopped (same schedule; only "
-        "run-time flags such as --num-workers may change)",
+        "run-time flags such as --num-workers may change). Default: a new run",
     )
     p.add_argument(
         "--no-export",
@@ -85,7 +89,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="Default: cuda when available; cpu to keep a GPU free",
     )
     add_config_flags(p)
-    return p.parse_args(argv)
+    return p
 
 
 def setup_logging(run_dir: Path | None, is_main: bool) -> None:

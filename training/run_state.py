@@ -11,14 +11,11 @@ import copy
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from training.checkpoints import CheckpointError
 from training.rng import rng_state, seed_everything, set_rng_state
 from training.state import Plan, TrainState
-
-if TYPE_CHECKING:
-    from training.trainer import Trainer
 
 FORMAT_TAG = "dino-feature-service/train-checkpoint/v1"
 CHECKPOINT_NAME = "checkpoint.pth"
@@ -53,8 +50,9 @@ def preserved(parts: Mapping[str, Stateful | None]) -> Iterator[None]:
         set_rng_state(saved[1])
 
 
-def training_state(trainer: Trainer) -> dict:
-    """Models, optimiser, loss centres, position in the schedule, config and RNG states."""
+def training_state(trainer: Any) -> dict:
+    """Models, optimiser, loss centres, position in the schedule, config and RNG states of a
+    ``training.trainer.Trainer`` (not imported here: the trainer imports this module)."""
     patch_loss = trainer.patch_loss
     return {
         "format": FORMAT_TAG,
