@@ -172,6 +172,19 @@ def test_resume_takes_the_same_next_step(tmp_path, batch_augment):
     torch.testing.assert_close(full.loss.center, resumed.loss.center, rtol=0, atol=0)
 
 
+def test_resume_refuses_other_data_and_other_files(tmp_path):
+    from training.checkpoints import CheckpointError, save_atomic
+
+    first = _trainer(tmp_path, tiny_config(epochs=2))
+    first.fit(stop_after_epochs=1)
+    more = _trainer(tmp_path, tiny_config(epochs=2), n=64)  # 8 batches per epoch instead of 4
+    with pytest.raises(CheckpointError, match="the data changed: 8 batches per epoch now, 4"):
+        more.load_checkpoint()
+    save_atomic({"teacher": {}}, tmp_path / "other.pth")
+    with pytest.raises(CheckpointError, match="not a training checkpoint"):
+        first.load_checkpoint(tmp_path / "other.pth")
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     tr = _trainer(tmp_path, tiny_config(epochs=3))
     tr.fit(stop_after_epochs=1)
