@@ -296,24 +296,45 @@ def test_official_format_checkpoint_exports_via_cli(tmp_path):
     assert _cosines(got, _torch_outputs(teacher, x)[0]).min() > 0.99999
 
 
-def test_corrupt_checkpoint_fails_clearly_and_leaves_existing(tmp_path, caplog):
+def test_corrupt_checkpoint_fails_clearly_and_leaves_existing(tmp_path, capsys):
     store = tmp_path / "models"
     _export(build_backbone("vit_tiny", 8, depth=2, img_size=32), "target", store, 32)
     before = _tree(store)
     bad = tmp_path / "bad.pth"
     bad.write_bytes(b"PK\x03\x04 definitely not a checkpoint" * 10)
     argv = ["--checkpoint", str(bad), "--arch", "vit_tiny", "--patch-size", "8"]
-    assert main([*argv, "--name", "target", "--models-dir", str(store)]) == 1
-    assert any("corrupt or truncated" in r.getMessage() for r in caplog.records)
+    assert main([*argv, "--name", "target", "--models-dir", str(store)]) == 2  # bad input
+    assert "corrupt or truncated" in capsys.readouterr().err
     assert _tree(store) == before
 
 
-def test_mismatched_checkpoint_names_both_archs_and_writes_nothing(tmp_path, caplog):
+def test_mismatched_checkpoint_names_both_archs_and_writes_nothing(tmp_path, capsys):
     ckpt = tmp_path / "vit_tiny.pth"
     torch.save(build_backbone("vit_tiny", 8, img_size=32).state_dict(), ckpt)
     store = tmp_path / "models"
     argv = ["--checkpoint", str(ckpt), "--arch", "vit_small", "--patch-size", "8"]
-    assert main([*argv, "--name", "wrong", "--models-dir", str(store)]) == 1
-    message = " ".join(r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR)
+    assert main([*argv, "--name", "wrong", "--models-dir", str(store)]) == 2
+    message = capsys.readouterr().err
     assert "does not fit" in message and "--arch vit_tiny" in message
     assert not store.exists() or _tree(store) == {}
+
+
+def test_cli_bad_input_exits_2_with_a_message_and_no_traceback(tmp_path):
+    base = [sys.executable, "-m", "training.export", "--models-dir", str(tmp_path / "models")]
+    cases = {
+        "not allowed": [
+            "--random-init",
+            "--arch",
+            "vit_tiny",
+            "--image-size",
+            "32",
+            "--name",
+            "a b",
+        ],
+        "missing.pth": ["--checkpoint", str(tmp_path / "missing.pth"), "--name", "x"],
+    }
+    for expected, args in cases.items():
+        proc = subprocess.run([*base, *args], cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert expected in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "models" / "a b").exists()

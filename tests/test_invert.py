@@ -115,9 +115,9 @@ def test_cli_refuses_a_model_with_other_weights(exported, tmp_path):
     before = (model_dir / "decoder.json").read_text()
     argv = ["--checkpoint", str(tmp_path / "other.pth"), "--model-dir", str(model_dir)]
     argv += ["--out", str(tmp_path / "run"), "--steps", "1", "--image-size", "32", "--width", "8"]
-    assert main([*argv, "--no-progress"]) == 1
+    assert main([*argv, "--no-progress"]) == 2  # bad input: a message, no traceback
     assert (model_dir / "decoder.json").read_text() == before
-    assert main(["--checkpoint", str(tmp_path / "missing.pth"), "--no-progress"]) == 1
+    assert main(["--checkpoint", str(tmp_path / "missing.pth"), "--no-progress"]) == 2
 
 
 # ---------------------------------------------------------------------- POST /reconstruct

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
 from training.knn import extract_features, knn_classify
@@ -69,3 +76,67 @@ def test_extract_features_normalises_and_bf16_agrees():
     assert model.training  # mode restored
     bf16, _ = extract_features(model, data, batch_size=4, bf16=True, show_progress=False)
     assert (bf16 * feats).sum(dim=1).min() > 0.99
+
+
+# ---------------------------------------------------------------- python -m training.knn
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _knn_cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [sys.executable, "-m", "training.knn", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+
+
+def _tiny_folder(root: Path) -> Path:
+    """train/ and val/ with two classes of small colour images of odd sizes."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 2), ("val", 1)):
+        for label in ("a", "b"):
+            (root / split / label).mkdir(parents=True)
+            for i in range(n):
+                pixels = rng.integers(0, 255, (37, 51, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / label / f"{i}.png")
+    return root
+
+
+def test_an_official_vit_checkpoint_is_evaluated_as_on_imagenet(tmp_path):
+    from training.augment import IMAGENET_MEAN, IMAGENET_STD
+    from training.backbones import build_backbone
+
+    torch.manual_seed(0)
+    checkpoint = tmp_path / "dino_deitsmall16_pretrain.pth"  # the official format: a state dict
+    torch.save(build_backbone("vit_small", 16).state_dict(), checkpoint)
+    data = _tiny_folder(tmp_path / "data")
+    out = tmp_path / "knn.json"
+    args = ["--checkpoint", str(checkpoint), "--data", str(data), "--out", str(out)]
+    proc = _knn_cli(*args, "--num-workers", "0", "--precision", "fp32", "--k", "2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["eval"] == {
+        "resize": 256,
+        "crop": 224,
+        "mean": list(IMAGENET_MEAN),
+        "std": list(IMAGENET_STD),
+    }
+    assert result["n_train"] == 4 and result["n_test"] == 2
+
+
+def test_bad_input_exits_2_with_one_message_and_no_traceback(tmp_path):
+    missing = _knn_cli("--checkpoint", str(tmp_path / "missing.pth"))
+    assert missing.returncode == 2
+    assert "Traceback" not in missing.stderr and "missing.pth" in missing.stderr
+    official = tmp_path / "official.pth"
+    torch.save({"cls_token": torch.zeros(1, 1, 4)}, official)
+    untrained = _knn_cli("--checkpoint", str(official), "--untrained")
+    assert untrained.returncode == 2 and "needs --arch" in untrained.stderr
+    assert "Traceback" not in untrained.stderr
+    usage = _knn_cli("--checkpoint", str(official), "--k", "many")
+    assert usage.returncode == 2 and "invalid int value" in usage.stderr

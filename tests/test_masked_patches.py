@@ -11,7 +11,7 @@ from test_trainer import _trainer, tiny_config
 from training.backbones import build_backbone
 from training.checkpoints import extract_backbone_state_dict, load_backbone_weights
 from training.masked_patches import PatchDistillLoss, draw_patch_masks
-from training.train_parts import Plan
+from training.state import Plan
 
 
 def _masks(n=2000, patches=16, ratio=(0.1, 0.5), prob=0.5, seed=0):

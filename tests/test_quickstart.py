@@ -113,5 +113,5 @@ def test_missing_data_set_is_a_message_not_a_traceback(tmp_path):
         timeout=120,
     )
     assert result.returncode == 2
-    assert "apt-get install dataset-fashion-mnist" in result.stdout
+    assert "apt-get install dataset-fashion-mnist" in result.stderr
     assert "Traceback" not in result.stdout + result.stderr

@@ -18,15 +18,11 @@ from training.budget import STEP_MARGIN, export_reserve_s
 from training.config import TrainConfig
 from training.data import ArrayDataset
 from training.koleo import koleo_per_crop
+from training.precision import cpu_has_bf16, resolve_precision
 from training.schedules import scaled_lr
-from training.train_parts import (
-    Plan,
-    clip_gradients,
-    cpu_has_bf16,
-    ema_update,
-    resolve_precision,
-)
+from training.state import Plan
 from training.trainer import Trainer, TrainingDiverged
+from training.updates import clip_gradients, ema_update
 
 
 def digits(n: int | None = None, size: int = 16) -> tuple[np.ndarray, np.ndarray]:
@@ -57,6 +53,17 @@ def tiny_config(**kw) -> TrainConfig:
         precision="fp32",
         log_every=1,
         freeze_last_layer=0.5,
+        # DINO's values, which these tests check against (the defaults are the quickstart's).
+        batch_augment=False,
+        drop_path_rate=0.1,
+        use_bn_in_head=False,
+        norm_last_layer=True,
+        lr=2e-3,
+        weight_decay_end=0.4,
+        momentum_teacher=0.996,
+        momentum_teacher_end=1.0,
+        warmup_teacher_temp=0.04,
+        teacher_temp=0.04,
     )
     return TrainConfig(**{**base, **kw})
 
@@ -105,15 +112,21 @@ def test_schedules_are_wired_per_iteration(tmp_path):
     tr = _trainer(tmp_path, cfg)
     tr.build_schedules(Plan(4, 4, 2))
     peak = scaled_lr(cfg.lr, cfg.batch_size)
-    assert tr.lr_sched[0] == 0.0 and tr.lr_sched[4] == pytest.approx(peak)
-    assert tr.lr_sched[-1] == pytest.approx(cfg.min_lr)
-    assert tr.wd_sched[0] == pytest.approx(0.04) and tr.wd_sched[-1] == pytest.approx(0.4)
-    assert tr.mom_sched[0] == pytest.approx(0.996) and tr.mom_sched[-1] == pytest.approx(1.0)
-    assert tr.freeze_iters == 2
+    assert tr.schedules.lr[0] == 0.0 and tr.schedules.lr[4] == pytest.approx(peak)
+    assert tr.schedules.lr[-1] == pytest.approx(cfg.min_lr)
+    assert tr.schedules.weight_decay[0] == pytest.approx(0.04) and tr.schedules.weight_decay[
+        -1
+    ] == pytest.approx(0.4)
+    assert tr.schedules.momentum[0] == pytest.approx(0.996) and tr.schedules.momentum[
+        -1
+    ] == pytest.approx(1.0)
+    assert tr.schedules.freeze_iters == 2
     tr.cfg.momentum_teacher_end = 0.999  # a teacher that still moves at the end
     tr.build_schedules(Plan(4, 4, 2))
-    assert tr.mom_sched[0] == pytest.approx(0.996) and tr.mom_sched[-1] == pytest.approx(0.999)
-    assert all(np.diff(tr.mom_sched) >= 0)
+    assert tr.schedules.momentum[0] == pytest.approx(0.996) and tr.schedules.momentum[
+        -1
+    ] == pytest.approx(0.999)
+    assert all(np.diff(tr.schedules.momentum) >= 0)
     with pytest.raises(ValueError, match="teacher momentum must rise"):
         tiny_config(momentum_teacher=0.99, momentum_teacher_end=0.98).validate()
     batches = iter(tr.loader)
@@ -122,10 +135,10 @@ def test_schedules_are_wired_per_iteration(tmp_path):
         teacher_before = [p.detach().clone() for p in tr.teacher.parameters()]
         tr._step(next(batches)[0])
         groups = tr.optimizer.param_groups
-        assert groups[0]["lr"] == groups[1]["lr"] == pytest.approx(tr.lr_sched[it])
-        assert groups[0]["weight_decay"] == pytest.approx(tr.wd_sched[it])
+        assert groups[0]["lr"] == groups[1]["lr"] == pytest.approx(tr.schedules.lr[it])
+        assert groups[0]["weight_decay"] == pytest.approx(tr.schedules.weight_decay[it])
         assert groups[1]["weight_decay"] == 0.0  # biases and norms are never decayed
-        m = tr.mom_sched[it]
+        m = tr.schedules.momentum[it]
         for old, t, s in zip(
             teacher_before, tr.teacher.parameters(), tr.student_plain.parameters(), strict=True
         ):
@@ -159,6 +172,19 @@ def test_resume_takes_the_same_next_step(tmp_path, batch_augment):
     torch.testing.assert_close(full.loss.center, resumed.loss.center, rtol=0, atol=0)
 
 
+def test_resume_refuses_other_data_and_other_files(tmp_path):
+    from training.checkpoints import CheckpointError, save_atomic
+
+    first = _trainer(tmp_path, tiny_config(epochs=2))
+    first.fit(stop_after_epochs=1)
+    more = _trainer(tmp_path, tiny_config(epochs=2), n=64)  # 8 batches per epoch instead of 4
+    with pytest.raises(CheckpointError, match="the data changed: 8 batches per epoch now, 4"):
+        more.load_checkpoint()
+    save_atomic({"teacher": {}}, tmp_path / "other.pth")
+    with pytest.raises(CheckpointError, match="not a training checkpoint"):
+        first.load_checkpoint(tmp_path / "other.pth")
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     tr = _trainer(tmp_path, tiny_config(epochs=3))
     tr.fit(stop_after_epochs=1)
@@ -174,7 +200,7 @@ def test_calibration_measures_and_restores_the_state(tmp_path):
     tr = _trainer(tmp_path, tiny_config(), knn=True)
     before = {k: v.clone() for k, v in tr.teacher.state_dict().items()}
     rng = torch.get_rng_state()
-    step_s, knn_s = tr._calibrate()
+    step_s, knn_s = tr.calibrate()
     assert step_s > 0 and knn_s > 0
     assert tr.iteration == 0 and tr.plan is None
     for k, v in tr.teacher.state_dict().items():
@@ -187,7 +213,7 @@ def test_time_budget_compresses_the_schedules(tmp_path, monkeypatch):
     tr = _trainer(tmp_path, cfg, n=64)  # 8 steps per epoch: 80 planned
     # A fixed step time makes the planning arithmetic exact: 160 s / 5 s = 32 steps fit (a
     # planned step far slower than a real one, so a loaded machine cannot hit the deadline).
-    monkeypatch.setattr(tr, "_calibrate", lambda: (5.0, 0.0))
+    monkeypatch.setattr(tr, "calibrate", lambda: (5.0, 0.0))
     reserve = export_reserve_s(tr.teacher.backbone)
     assert 15.0 < reserve < 16.0  # a tiny model: the fixed part only
     deadline = time.time() + 160 * STEP_MARGIN + reserve
@@ -195,9 +221,9 @@ def test_time_budget_compresses_the_schedules(tmp_path, monkeypatch):
     assert tr.plan.iters_per_epoch == 8
     assert tr.plan.sched_iters_per_epoch in (2, 3)  # 32 steps over 10 epochs, less elapsed time
     assert summary["iterations"] == tr.plan.total_iters and not summary["stopped_early"]
-    assert len(tr.lr_sched) == tr.plan.total_iters
-    assert tr.lr_sched[-1] == pytest.approx(cfg.min_lr)  # the cosine still reaches its end
-    assert tr.freeze_iters == round(cfg.freeze_last_layer * tr.plan.sched_iters_per_epoch)
+    assert len(tr.schedules.lr) == tr.plan.total_iters
+    assert tr.schedules.lr[-1] == pytest.approx(cfg.min_lr)  # the cosine still reaches its end
+    assert tr.schedules.freeze_iters == round(cfg.freeze_last_layer * tr.plan.sched_iters_per_epoch)
 
 
 @pytest.mark.slow
@@ -234,7 +260,7 @@ def test_tiny_end_to_end_training_learns(tmp_path):
 
 
 def test_knn_command_on_a_training_checkpoint(tmp_path):
-    from training.knn import main as knn_main
+    from training.knn import run as knn_main
 
     images, labels = digits(60)
     for i, (image, label) in enumerate(zip(images, labels, strict=True)):

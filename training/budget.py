@@ -1,29 +1,26 @@
 """Fitting a run into a time budget.
 
-A few real training steps are timed (and then undone: weights, optimiser, loss centre and RNG
-go back to where they were), the k-NN is estimated from a probe, and the schedules are
-compressed so that training, k-NN and export end by the deadline: every epoch-denominated
-length is scaled by the same factor, so a short run is the same recipe compressed rather than
-a long recipe cut off.
+The trainer times a few real training steps (and then undoes them: weights, optimiser, loss
+centre and RNG go back to where they were) and estimates the k-NN from a probe; this module turns
+those timings into a ``Plan`` whose schedules are compressed so that training, k-NN and export
+end by the deadline: every epoch-denominated length is scaled by the same factor, so a short run
+is the same recipe compressed rather than a long recipe cut off.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Subset
+from torch.utils.data import Dataset, Subset
 
 from training.distributed import broadcast_object
 from training.knn import extract_features
-from training.train_parts import Plan, rng_state, set_rng_state
-
-if TYPE_CHECKING:
-    from training.trainer import Trainer
+from training.state import Plan
 
 log = logging.getLogger(__name__)
 
@@ -43,25 +40,24 @@ def export_reserve_s(model: torch.nn.Module) -> float:
     return 15.0 + 1.5 * params / 1e6
 
 
-def plan_for_deadline(trainer: Trainer, deadline: float | None) -> Plan:
-    """The full schedule, or one compressed so that the run ends by ``deadline``."""
-    cfg, n = trainer.cfg, len(trainer.loader)
-    plan = Plan(n, n, cfg.epochs)
-    if deadline is None:
-        return plan
-    step_s, knn_s = trainer._calibrate()
-    trainer.reserve_s = knn_s + export_reserve_s(trainer.teacher.backbone)
-    available = deadline - time.time() - trainer.reserve_s
-    fit = max(int(available / (step_s * STEP_MARGIN)), cfg.epochs)
+def plan_for_deadline(
+    batches_per_epoch: int, epochs: int, deadline: float, step_s: float, reserve_s: float
+) -> Plan:
+    """The full schedule, or one compressed so that ``step_s``-second steps end ``reserve_s``
+    before ``deadline``; every process gets rank 0's plan."""
+    n = batches_per_epoch
+    plan = Plan(n, n, epochs)
+    available = deadline - time.time() - reserve_s
+    fit = max(int(available / (step_s * STEP_MARGIN)), epochs)
     if fit < plan.total_iters:
-        plan = Plan(n, max(fit // cfg.epochs, 1), cfg.epochs)
+        plan = Plan(n, max(fit // epochs, 1), epochs)
     plan = broadcast_object(plan)
     log.info(
         "plan: %.3f s/step (x%.2f margin), k-NN and export ~%.0f s; %d steps (%.2f passes "
         "over the data, schedules x%.3f), training ends in ~%.1f min",
         step_s,
         STEP_MARGIN,
-        trainer.reserve_s,
+        reserve_s,
         plan.total_iters,
         plan.total_iters / n,
         plan.scale,
@@ -70,45 +66,38 @@ def plan_for_deadline(trainer: Trainer, deadline: float | None) -> Plan:
     return plan
 
 
-def calibrate(trainer: Trainer) -> tuple[float, float]:
-    """Seconds per training step and an estimate of the k-NN time; all state is restored."""
-    tr = trainer
-    saved = copy.deepcopy(
-        (tr.student_plain.state_dict(), tr.teacher.state_dict(), tr.optimizer.state_dict(),
-         tr.loss.state_dict(), rng_state())
-    )  # fmt: skip
-    n = len(tr.loader)
-    tr.build_schedules(Plan(n, n, tr.cfg.epochs))
+def median_step_s(step: Callable[[Any], object], batches: Iterable) -> float:
+    """Seconds per ``step(batch)`` over ``batches``, loading included; the first steps pay for
+    allocator warm-up and thread start, so the median of the rest."""
     times = []
-    batches = iter(tr.loader)
     t = time.perf_counter()
-    for _ in range(min(CALIBRATION_STEPS, n)):
-        tr._step(next(batches)[0])
+    for batch in batches:
+        step(batch)
         times.append(time.perf_counter() - t)
         t = time.perf_counter()
-    del batches
-    tr.iteration = 0
-    # The first steps pay for allocator warm-up and thread start: the median of the rest.
-    step_s = float(np.median(times[2:] if len(times) > 3 else times))
-    knn_s = 0.0
-    if tr.knn_sets and tr.dist.is_main:
-        probe = Subset(tr.knn_sets[0], range(min(2 * tr.cfg.knn_batch_size, len(tr.knn_sets[0]))))
-        t = time.perf_counter()
-        extract_features(
-            tr.teacher.backbone,
-            probe,
-            batch_size=tr.cfg.knn_batch_size,
-            num_workers=tr.cfg.num_workers,
-            device=tr.device,
-            bf16=tr.precision == "bf16",
-            show_progress=False,
-        )
-        per_image = (time.perf_counter() - t) / len(probe)
-        knn_s = 1.2 * per_image * sum(len(s) for s in tr.knn_sets) + 5.0
-    tr.student_plain.load_state_dict(saved[0])
-    tr.teacher.load_state_dict(saved[1])
-    tr.optimizer.load_state_dict(saved[2])
-    tr.loss.load_state_dict(saved[3])
-    set_rng_state(saved[4])
-    tr.plan = None
-    return step_s, float(broadcast_object(knn_s))
+    return float(np.median(times[2:] if len(times) > 3 else times))
+
+
+def knn_estimate_s(
+    backbone: torch.nn.Module,
+    knn_sets: Sequence[Dataset],
+    *,
+    batch_size: int,
+    num_workers: int,
+    device: torch.device,
+    bf16: bool,
+) -> float:
+    """The k-NN's seconds over all of ``knn_sets``, from the time of two batches plus 20 %."""
+    probe = Subset(knn_sets[0], range(min(2 * batch_size, len(knn_sets[0]))))
+    t = time.perf_counter()
+    extract_features(
+        backbone,
+        probe,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        device=device,
+        bf16=bf16,
+        show_progress=False,
+    )
+    per_image = (time.perf_counter() - t) / len(probe)
+    return 1.2 * per_image * sum(len(s) for s in knn_sets) + 5.0

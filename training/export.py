@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
-import json
 import logging
 import os
 import re
@@ -24,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,14 +38,22 @@ from artifact import (
     FileEntry,
     Manifest,
     Provenance,
-    Variant,
     load_manifest,
     sha256_file,
     write_manifest,
 )
+from artifact.cli import DefaultsHelpFormatter, run_cli
 from artifact.files import STAGING_DIR, publish_dir, remove_stale
 from artifact.photos import load_photo
 from artifact.transform import eval_pixels
+from training.eval_settings import (
+    DEFAULT_PATCH_SIZE,
+    IMAGENET_IMAGE_SIZE,
+    checkpoint_eval_settings,
+    checkpoint_meta,
+    inferred_image_size,
+    knn_eval_sizes,
+)
 from training.onnx_graph import (
     EXPORTER,
     OPSET,
@@ -62,11 +68,7 @@ from training.quantize import MIN_INT8_COSINE, int8_variant
 # Named explicitly: run as ``python -m`` this module is ``__main__``.
 log = logging.getLogger("training.export")
 
-
-def knn_eval_sizes(image_size: int) -> tuple[int, int]:
-    """DINO's k-NN eval transform (resize 256, centre crop 224) scaled to ``image_size``:
-    224 -> (256, 224), 28 -> (32, 28)."""
-    return round(image_size * 256 / 224), image_size
+__all__ = ["export_backbone", "git_commit", "knn_eval_sizes", "main"]
 
 
 def git_commit() -> str | None:
@@ -110,95 +112,29 @@ def export_backbone(
     disagree. With ``int8`` the int8 variant is kept only if its min embedding cosine vs fp32 on
     the bundled photos reaches ``int8_min_cosine``; otherwise it is skipped with a warning.
     """
-    if not isinstance(name, str) or not re.fullmatch(NAME_PATTERN, name):
-        raise ValueError(
-            f"model name {name!r} is not allowed: use 1-64 letters, digits, '.', '_' or '-', "
-            "starting with a letter or digit"
-        )
-    family = backbone.family
-    patch = backbone.patch_size if family == "vit" else None
-    if patch and train_image_size % patch:
-        raise ValueError(f"train_image_size {train_image_size} is not a multiple of patch {patch}")
-    if patch and eval_crop % patch:
-        log.warning(
-            "eval crop %d is not a multiple of patch %d; servers must pad", eval_crop, patch
-        )
+    patch = _check_request(backbone, name, train_image_size, eval_crop)
     # Validate the cheap parts first so a bad call fails before any work.
     prov = Provenance(
-        **provenance,
-        exported_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        torch_version=torch.__version__,
-        exporter=EXPORTER,
+        **provenance, exported_at=_now(), torch_version=torch.__version__, exporter=EXPORTER
     )
     transform = EvalTransform(resize=eval_resize, crop=eval_crop)
     models_dir = Path(models_dir)
-    models_dir.mkdir(parents=True, exist_ok=True)
     model = inference_copy(backbone)
-
-    # Staged in a hidden sub-folder of the store (same filesystem, so the final move is a rename):
-    # a server scanning the store for <dir>/manifest.json never sees a staged or old copy.
-    staging = models_dir / STAGING_DIR
-    staging.mkdir(exist_ok=True)
-    remove_stale(staging, name)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{name}.tmp-", dir=staging))
-    try:
-        os.chmod(
-            tmp, 0o755
-        )  # mkdtemp's 0700 would hide the model from a server run as another user
+    with _staging_folder(models_dir, name) as tmp:
+        photo = (round(train_image_size * eval_resize / eval_crop), mean, std)
+        what = f"{arch}/{patch}" if patch else arch
+        parity = _write_checked_onnx(model, tmp / MODEL_FILE, what, train_image_size, photo)
+        variants = int8_variant(tmp, transform, mean, std, int8_min_cosine) if int8 else {}
         t0 = time.perf_counter()
-        fp32_path = tmp / MODEL_FILE
-        export_onnx(model, fp32_path, train_image_size)
-        onnx.checker.check_model(str(fp32_path))
-        log.info(
-            "export: %s%s -> %s (%.1f MB) in %.1f s",
-            arch,
-            f"/{patch}" if patch else "",
-            MODEL_FILE,
-            fp32_path.stat().st_size / 1e6,
-            time.perf_counter() - t0,
-        )
-
-        t0 = time.perf_counter()
-        photo = eval_pixels(
-            load_photo("astronaut"),
-            round(train_image_size * eval_resize / eval_crop),
-            train_image_size,
-            mean,
-            std,
-        )
-        inputs = parity_inputs(train_image_size, patch or 32, photo)
-        parity = check_parity(model, fp32_path, inputs)
-        log.info(
-            "parity: %d shapes in %.1f s, min embedding cosine %.7f",
-            len(parity),
-            time.perf_counter() - t0,
-            min(p.embedding_cosine_min for p in parity),
-        )
-
-        variants: dict[str, Variant] = {}
-        if int8:
-            variants = int8_variant(tmp, transform, mean, std, int8_min_cosine)
-
-        t0 = time.perf_counter()
-        files = {
-            f: FileEntry(sha256=sha256_file(tmp / f), bytes=(tmp / f).stat().st_size)
-            for f in (MODEL_FILE, INT8_FILE)
-            if (tmp / f).is_file()
-        }
+        files = _file_entries(tmp)
         manifest = Manifest(
             name=name,
             arch=arch,
-            family=family,
-            patch_size=patch,
-            embed_dim=backbone.embed_dim,
-            num_heads=backbone.num_heads if family == "vit" else None,
-            depth=getattr(backbone, "depth", None),
-            token_layers=token_layers(backbone),
+            **_network_fields(backbone, patch),
             train_image_size=train_image_size,
             mean=tuple(mean),
             std=tuple(std),
             eval_transform=transform,
-            outputs=output_names(backbone),
             opset=OPSET,
             files=files,
             variants=variants,
@@ -212,6 +148,67 @@ def export_backbone(
         publish_dir(tmp, final)
         log.info("write: %s (%d files) in %.1f s", final, len(files) + 1, time.perf_counter() - t0)
         return final
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _network_fields(backbone: nn.Module, patch: int | None) -> dict[str, Any]:
+    """What the manifest says about the network's shape and outputs."""
+    vit = backbone.family == "vit"
+    return {
+        "family": backbone.family,
+        "patch_size": patch,
+        "embed_dim": backbone.embed_dim,
+        "num_heads": backbone.num_heads if vit else None,
+        "depth": getattr(backbone, "depth", None),
+        "token_layers": token_layers(backbone),
+        "outputs": output_names(backbone),
+    }
+
+
+def _file_entries(folder: Path) -> dict[str, FileEntry]:
+    return {
+        f: FileEntry(sha256=sha256_file(folder / f), bytes=(folder / f).stat().st_size)
+        for f in (MODEL_FILE, INT8_FILE)
+        if (folder / f).is_file()
+    }
+
+
+def _check_request(backbone: nn.Module, name: str, train_image_size: int, eval_crop: int):
+    """The ViT patch size (``None`` for a ResNet); ``ValueError`` for a name or size that cannot
+    be exported."""
+    if not isinstance(name, str) or not re.fullmatch(NAME_PATTERN, name):
+        raise ValueError(
+            f"model name {name!r} is not allowed: use 1-64 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    patch = backbone.patch_size if backbone.family == "vit" else None
+    if patch and train_image_size % patch:
+        raise ValueError(f"train_image_size {train_image_size} is not a multiple of patch {patch}")
+    if patch and eval_crop % patch:
+        log.warning(
+            "eval crop %d is not a multiple of patch %d; servers must pad", eval_crop, patch
+        )
+    return patch
+
+
+@contextlib.contextmanager
+def _staging_folder(models_dir: Path, name: str) -> Iterator[Path]:
+    """A fresh folder to write the artifact into, removed again if anything fails.
+
+    Staged in a hidden sub-folder of the store (same filesystem, so the final move is a rename):
+    a server scanning the store for <dir>/manifest.json never sees a staged or old copy."""
+    staging = models_dir / STAGING_DIR
+    staging.mkdir(parents=True, exist_ok=True)
+    remove_stale(staging, name)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{name}.tmp-", dir=staging))
+    try:
+        os.chmod(
+            tmp, 0o755
+        )  # mkdtemp's 0700 would hide the model from a server run as another user
+        yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -220,130 +217,166 @@ def export_backbone(
             staging.rmdir()
 
 
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, argparse.Namespace):
-        value = vars(value)
-    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
-        value = dataclasses.asdict(value)
-    return json.loads(json.dumps(value, default=str))
+def _write_checked_onnx(
+    model: nn.Module, path: Path, what: str, train_image_size: int, photo_eval: tuple
+) -> list:
+    """``model.onnx`` at ``path``, checked by onnx and against PyTorch on shapes around a photo
+    preprocessed as ``photo_eval`` = (resize, mean, std) says (``ParityError`` when they
+    disagree); returns the parity records for the manifest."""
+    patch = model.patch_size if model.family == "vit" else None
+    t0 = time.perf_counter()
+    export_onnx(model, path, train_image_size)
+    onnx.checker.check_model(str(path))
+    log.info(
+        "export: %s -> %s (%.1f MB) in %.1f s",
+        what,
+        path.name,
+        path.stat().st_size / 1e6,
+        time.perf_counter() - t0,
+    )
+    t0 = time.perf_counter()
+    resize, mean, std = photo_eval
+    photo = eval_pixels(load_photo("astronaut"), resize, train_image_size, mean, std)
+    inputs = parity_inputs(train_image_size, patch or 32, photo)
+    parity = check_parity(model, path, inputs)
+    log.info(
+        "parity: %d shapes in %.1f s, min embedding cosine %.7f",
+        len(parity),
+        time.perf_counter() - t0,
+        min(p.embedding_cosine_min for p in parity),
+    )
+    return parity
 
 
-def _checkpoint_meta(obj: Mapping) -> tuple[dict | None, dict | None]:
-    """The training config (ours: ``config``; official: ``args``) and k-NN result, if present."""
-    config = obj.get("config", obj.get("args"))
-    config = _json_safe(config) if config is not None else None
-    knn = obj.get("knn")
-    knn = _json_safe(knn) if isinstance(knn, Mapping) else None
-    return (config if isinstance(config, dict) else None), knn
-
-
-def _inferred_image_size(obj: Mapping, which: str, patch_size: int) -> int | None:
-    """A ViT checkpoint's training size, from its positional-embedding grid."""
-    from training.checkpoints import extract_backbone_state_dict
-
-    pos = extract_backbone_state_dict(obj, which).get("pos_embed")
-    if pos is None or pos.ndim != 3:
-        return None
-    grid = round((pos.shape[1] - 1) ** 0.5)
-    return grid * patch_size if grid * grid == pos.shape[1] - 1 else None
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    from training.augment import IMAGENET_MEAN, IMAGENET_STD
-    from training.backbones import ARCHS, build_backbone
-    from training.checkpoints import CheckpointError, load_backbone_weights, read_checkpoint
-    from training.parity import ParityError
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    from training.backbones import ARCHS
 
     parser = argparse.ArgumentParser(
-        prog="python -m training.export", description=__doc__.split("\n\n")[0]
+        prog="python -m training.export",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=DefaultsHelpFormatter,
     )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument(
         "--checkpoint", type=Path, help="ours, an official DINO .pth or a state dict"
     )
-    source.add_argument("--random-init", action="store_true", help="export untrained weights")
-    parser.add_argument(
-        "--arch", choices=ARCHS, help="default: the checkpoint's own (ours and official full ones)"
+    source.add_argument(
+        "--random-init", action="store_true", help="export untrained weights (tests, baselines)"
     )
     parser.add_argument(
-        "--patch-size", type=int, help="ViT patch size (default: the checkpoint's own, else 16)"
+        "--arch",
+        choices=ARCHS,
+        help="default: the checkpoint's own (ours and official full ones); needed for bare "
+        "state dicts and --random-init",
     )
-    parser.add_argument("--depth", type=int, help="ViT depth (default: the checkpoint's own)")
+    parser.add_argument(
+        "--patch-size",
+        type=int,
+        help=f"ViT patch size; default: the checkpoint's own, else {DEFAULT_PATCH_SIZE}. Pass 8 "
+        "for the official /8 files",
+    )
+    parser.add_argument(
+        "--depth", type=int, help="ViT depth; default: the checkpoint's own, else the arch's"
+    )
     parser.add_argument("--name", required=True, help="folder name under --models-dir")
-    parser.add_argument("--models-dir", type=Path, default=Path("models"))
+    parser.add_argument(
+        "--models-dir",
+        type=Path,
+        default=Path("models"),
+        help="model store the server reads (its DINO_MODELS_DIR)",
+    )
     parser.add_argument(
         "--image-size",
         type=int,
-        default=None,
         help="training image size; default: read from a ViT checkpoint's positional embedding, "
-        "else 224",
+        f"else {IMAGENET_IMAGE_SIZE}. Change it only for bare ResNet weights trained at another "
+        "size",
     )
-    parser.add_argument("--which", choices=("teacher", "student"), default="teacher")
-    parser.add_argument("--int8", action="store_true", help="also write a dynamic int8 variant")
+    parser.add_argument(
+        "--which",
+        choices=("teacher", "student"),
+        default="teacher",
+        help="network of a training checkpoint; DINO evaluates the teacher",
+    )
+    parser.add_argument(
+        "--int8",
+        action="store_true",
+        help="also write a dynamic int8 variant (kept only if it agrees with fp32 on photos)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed for --random-init")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def _backbone(args: argparse.Namespace, obj: Mapping, config: dict) -> tuple[nn.Module, str, int]:
+    """The network to export, its arch and training image size: flags win; otherwise a
+    checkpoint that records its training config (ours, or an official full checkpoint's
+    ``args``) says how to rebuild it."""
+    from training.backbones import ARCHS, build_backbone
+    from training.checkpoints import load_backbone_weights
+
+    arch = args.arch or config.get("arch")
+    if arch not in ARCHS:
+        raise ValueError(f"pass --arch (one of {ARCHS}): the checkpoint does not name one")
+    patch_size = args.patch_size or config.get("patch_size") or DEFAULT_PATCH_SIZE
+    is_vit = arch.startswith("vit")
+    # Build at the checkpoint's own size so its positional embedding loads as is.
+    size = args.image_size
+    if size is None and is_vit and obj:
+        size = inferred_image_size(obj, args.which, patch_size)
+    size = size or IMAGENET_IMAGE_SIZE
+    kw: dict[str, Any] = {"img_size": size} if is_vit else {}
+    depth = args.depth or config.get("vit_depth")
+    if is_vit and depth:
+        kw["depth"] = depth
+    torch.manual_seed(args.seed)
+    backbone = build_backbone(arch, patch_size, **kw)
+    if args.checkpoint is not None:
+        load_backbone_weights(backbone, obj, which=args.which)
+    return backbone, arch, size
+
+
+def run(argv: Sequence[str] | None = None) -> Path:
+    """The export command: the published folder; raises on bad input or a failed export."""
+    from training.checkpoints import read_checkpoint
+
+    args = _parse(argv)
+    obj: Mapping = read_checkpoint(args.checkpoint) if args.checkpoint is not None else {}
+    config, knn = checkpoint_meta(obj)
+    config = config or {}
+    backbone, arch, size = _backbone(args, obj, config)
+    # Ours: the run's normalisation and eval sizes; official: ImageNet's at the trained size.
+    settings = checkpoint_eval_settings(config, size)
+    provenance: dict[str, Any] = {"source": "random", "git_commit": git_commit()}
+    if args.checkpoint is not None:
+        provenance.update(
+            source="checkpoint",
+            checkpoint_sha256=sha256_file(args.checkpoint),
+            training_config=config,
+        )
+    path = export_backbone(
+        backbone,
+        args.name,
+        args.models_dir,
+        arch=arch,
+        train_image_size=size,
+        mean=settings.mean,
+        std=settings.std,
+        eval_resize=settings.resize,
+        eval_crop=settings.crop,
+        provenance=provenance,
+        knn=knn,
+        int8=args.int8,
+    )
+    print(path)
+    return path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m training.export``: exit 0; 2 for bad input (a corrupt or mismatched
+    checkpoint, a bad name), 1 when the export fails (parity); nothing is written on failure."""
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("training").setLevel(logging.INFO)
-
-    try:
-        obj: Mapping = {}
-        if args.checkpoint is not None:
-            obj = read_checkpoint(args.checkpoint)
-        config, knn = _checkpoint_meta(obj)
-        config = config or {}
-        # Flags win; otherwise a checkpoint that records its training config (ours, or an official
-        # full checkpoint's ``args``) says how to rebuild its network and how it saw its images.
-        arch = args.arch or config.get("arch")
-        if arch not in ARCHS:
-            raise ValueError(f"pass --arch (one of {ARCHS}): the checkpoint does not name one")
-        patch_size = args.patch_size or config.get("patch_size") or 16
-        is_vit = arch.startswith("vit")
-        # Build at the checkpoint's own size so its positional embedding loads as is.
-        size = args.image_size
-        if size is None and is_vit and obj:
-            size = _inferred_image_size(obj, args.which, patch_size)
-        size = size or 224
-        kw: dict[str, Any] = {"img_size": size} if is_vit else {}
-        depth = args.depth or config.get("vit_depth")
-        if is_vit and depth:
-            kw["depth"] = depth
-        torch.manual_seed(args.seed)
-        backbone = build_backbone(arch, patch_size, **kw)
-        ours = "eval_crop" in config  # the project's own run: its normalisation and eval sizes
-        mean = tuple(config["mean"]) if ours else IMAGENET_MEAN
-        std = tuple(config["std"]) if ours else IMAGENET_STD
-        resize, crop = (
-            (config["eval_resize"], config["eval_crop"]) if ours else knn_eval_sizes(size)
-        )
-        if args.checkpoint is not None:
-            load_backbone_weights(backbone, obj, which=args.which)
-            provenance = {
-                "source": "checkpoint",
-                "checkpoint_sha256": sha256_file(args.checkpoint),
-                "git_commit": git_commit(),
-                "training_config": config,
-            }
-        else:
-            provenance = {"source": "random", "git_commit": git_commit()}
-        path = export_backbone(
-            backbone,
-            args.name,
-            args.models_dir,
-            arch=arch,
-            train_image_size=size,
-            mean=mean,
-            std=std,
-            eval_resize=resize,
-            eval_crop=crop,
-            provenance=provenance,
-            knn=knn,
-            int8=args.int8,
-        )
-    except (CheckpointError, ParityError, ValueError) as exc:
-        log.error("export failed, nothing written: %s", exc)
-        return 1
-    print(path)
-    return 0
+    return run_cli(run, argv, prog="python -m training.export")
 
 
 if __name__ == "__main__":

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import os
+import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -19,6 +22,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
+
+from artifact.cli import DefaultsHelpFormatter, UsageError, run_cli
+from training.config import TrainConfig
+from training.eval_settings import (
+    DEFAULT_PATCH_SIZE,
+    IMAGENET_IMAGE_SIZE,
+    EvalSettings,
+    checkpoint_eval_settings,
+    official_eval_settings,
+)
 
 log = logging.getLogger(__name__)
 
@@ -143,70 +156,146 @@ def save_result(result: dict, path: str | Path) -> None:
 # ---------------------------------------------------------------- command line
 
 
-def _parse(argv: list[str] | None) -> argparse.Namespace:
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m training.knn",
         description="Weighted k-NN accuracy (DINO protocol) of a checkpoint's teacher backbone.",
+        formatter_class=DefaultsHelpFormatter,
     )
-    p.add_argument("--checkpoint", required=True, help="a training checkpoint or official .pth")
-    p.add_argument("--data", help="image folder with class subfolders (or train/ and val/)")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="a training checkpoint (its config says how to evaluate) or an official DINO .pth "
+        "(evaluated as on ImageNet: resize 256, crop 224, ImageNet mean/std)",
+    )
+    p.add_argument(
+        "--data",
+        help="image folder with class subfolders (or train/ and val/); default: the run's own "
+        "data, Fashion-MNIST for official checkpoints",
+    )
     p.add_argument("--fmnist-dir", help="Fashion-MNIST IDX folder (default: the Debian path)")
-    p.add_argument("--arch", help="backbone for official checkpoints (ours record it)")
-    p.add_argument("--patch-size", type=int, default=None)
-    p.add_argument("--resize", type=int, default=None, help="eval resize (short side)")
-    p.add_argument("--crop", type=int, default=None, help="eval centre crop")
-    p.add_argument("--k", type=int, default=20)
-    p.add_argument("--temperature", type=float, default=0.07)
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--num-workers", type=int, default=1, help="image decoding processes")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
-    p.add_argument("--out", help="write the result JSON here")
+    p.add_argument(
+        "--arch",
+        help="official checkpoints: cross-check the architecture read from the weights; needed "
+        "with --untrained (ours record it)",
+    )
+    p.add_argument(
+        "--patch-size",
+        type=int,
+        help="official checkpoints: cross-check the ViT patch size read from the weights "
+        f"(--untrained: default {DEFAULT_PATCH_SIZE})",
+    )
+    p.add_argument(
+        "--resize",
+        type=int,
+        help="eval resize of the short side; default: the run's eval_resize, 256 for official "
+        "ones. Change it only with --crop, keeping DINO's 256/224 ratio",
+    )
+    p.add_argument(
+        "--crop",
+        type=int,
+        help="eval centre crop; default: the run's eval_crop, 224 for official checkpoints",
+    )
+    _add_run_flags(p)
+    return p.parse_args(argv)
+
+
+def _add_run_flags(p: argparse.ArgumentParser) -> None:
+    """The k-NN's own settings and how it runs."""
+    p.add_argument("--k", type=int, default=20, help="neighbours that vote (DINO reports 20)")
+    p.add_argument(
+        "--temperature", type=float, default=0.07, help="vote weight exp(sim / T), as DINO"
+    )
+    p.add_argument(
+        "--batch-size", type=int, default=256, help="images per forward pass; lower it on OOM"
+    )
+    p.add_argument(
+        "--num-workers", type=int, default=1, help="image decoding processes; raise for photos"
+    )
+    p.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16"],
+        default="auto",
+        help="auto: bf16 where the hardware has it; fp32 for bit-comparable numbers",
+    )
+    p.add_argument(
+        "--out", help="write the result JSON here (default: knn.json beside the checkpoint)"
+    )
     p.add_argument(
         "--untrained",
         action="store_true",
         help="evaluate the checkpoint's architecture with random weights (a baseline)",
     )
-    return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    from training.augment import eval_transform
+def _project_backbone(state: dict, args: argparse.Namespace) -> tuple[nn.Module, TrainConfig]:
+    """A ``training.run`` checkpoint's teacher, built from the config it records."""
     from training.backbones import build_backbone
-    from training.checkpoints import load_backbone_weights, read_checkpoint
-    from training.config import TrainConfig
-    from training.data import load_splits
-    from training.train_parts import resolve_precision
+    from training.checkpoints import load_backbone_weights
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    args = _parse(argv)
-    state = read_checkpoint(args.checkpoint)
-    cfg = TrainConfig.from_dict(state["config"]) if "config" in state else TrainConfig()
+    cfg = TrainConfig.from_dict(state["config"])
     arch = args.arch or cfg.arch
-    patch = args.patch_size or cfg.patch_size
-    dataset = "folder" if args.data else ("fmnist" if args.fmnist_dir else cfg.dataset)
-    if "config" not in state and not args.arch:
-        raise SystemExit(
-            "an official checkpoint needs --arch (and --patch-size) to build the model"
-        )
-    # Our checkpoints record the model's shape; official ones are the arch's standard shape.
-    kwargs = cfg.backbone_kwargs(arch) if "config" in state else {}
     torch.manual_seed(cfg.seed)  # --untrained: the same initial weights training started from
-    backbone = build_backbone(arch, patch_size=patch, **kwargs)
+    backbone = build_backbone(
+        arch, patch_size=args.patch_size or cfg.patch_size, **cfg.backbone_kwargs(arch)
+    )
     if not args.untrained:
         load_backbone_weights(backbone, state)
-    splits = load_splits(dataset, args.data or cfg.data, args.fmnist_dir or cfg.fmnist_dir)
+    return backbone, cfg
+
+
+def _official_backbone(state: dict, args: argparse.Namespace) -> nn.Module:
+    """An official file's backbone, its shape read from the weights (``--untrained``: the arch's
+    standard shape with random weights)."""
+    from training.backbones import build_backbone
+    from training.perceptual import backbone_from_checkpoint
+
+    if args.untrained:
+        if not args.arch:
+            raise UsageError("--untrained with an official checkpoint needs --arch")
+        torch.manual_seed(0)
+        return build_backbone(args.arch, patch_size=args.patch_size or DEFAULT_PATCH_SIZE)
+    return backbone_from_checkpoint(state, args.arch, args.patch_size)
+
+
+def _knn_sets(args: argparse.Namespace, cfg: TrainConfig | None, settings: EvalSettings):
+    from training.augment import eval_transform
+    from training.data import load_splits
+
+    dataset = "folder" if args.data else "fmnist" if args.fmnist_dir or cfg is None else cfg.dataset
+    splits = load_splits(
+        dataset, args.data or (cfg and cfg.data), args.fmnist_dir or (cfg and cfg.fmnist_dir)
+    )
     if not splits.labelled:
-        raise SystemExit(f"k-NN needs labels; {splits.description} has none")
-    resize = args.resize or cfg.eval_resize
-    crop = args.crop or cfg.eval_crop
-    tf = eval_transform(resize, crop, cfg.mean, cfg.std)
+        raise UsageError(f"k-NN needs labels; {splits.description} has none")
+    tf = eval_transform(settings.resize, settings.crop, settings.mean, settings.std)
+    return splits.knn_train.with_transform(tf), splits.knn_test.with_transform(tf), splits
+
+
+def run(argv: Sequence[str] | None = None) -> dict:
+    """The k-NN command; raises on bad input (see ``main`` for the exit statuses)."""
+    from training.checkpoints import read_checkpoint
+    from training.precision import resolve_precision
+
+    args = _parse(argv)
+    state = read_checkpoint(args.checkpoint)
+    if "config" in state:
+        backbone, cfg = _project_backbone(state, args)
+        settings = checkpoint_eval_settings(cfg.to_dict())
+    else:  # official weights: ImageNet's eval, at the size they were trained at
+        backbone, cfg = _official_backbone(state, args), None
+        settings = official_eval_settings(getattr(backbone, "img_size", IMAGENET_IMAGE_SIZE))
+    settings = dataclasses.replace(
+        settings, resize=args.resize or settings.resize, crop=args.crop or settings.crop
+    )
+    train_set, test_set, splits = _knn_sets(args, cfg, settings)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu":  # as training.run does: compute threads only on the cores workers leave
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) - args.num_workers))
     result = evaluate_knn(
         backbone.to(device),
-        splits.knn_train.with_transform(tf),
-        splits.knn_test.with_transform(tf),
+        train_set,
+        test_set,
         k=args.k,
         temperature=args.temperature,
         batch_size=args.batch_size,
@@ -215,7 +304,10 @@ def main(argv: list[str] | None = None) -> dict:
         bf16=resolve_precision(args.precision, device) == "bf16",
     )
     result.update(
-        checkpoint=str(args.checkpoint), data=splits.description, untrained=args.untrained
+        checkpoint=str(args.checkpoint),
+        data=splits.description,
+        untrained=args.untrained,
+        eval=settings.as_dict(),
     )
     default_name = "knn_untrained.json" if args.untrained else "knn.json"
     out = Path(args.out) if args.out else Path(args.checkpoint).parent / default_name
@@ -224,5 +316,11 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m training.knn``: exit 0, 2 on bad input, 1 when the run fails."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    return run_cli(run, argv, prog="python -m training.knn")
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

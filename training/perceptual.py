@@ -99,6 +99,25 @@ def checkpoint_stats(source: str | Path | Mapping) -> tuple[tuple, tuple] | None
     return None
 
 
+def _backbone_and_stats(
+    backbone: nn.Module | str,
+    checkpoint: str | Path | Mapping | None,
+    patch_size: int,
+    which: str,
+) -> tuple[nn.Module, tuple[tuple, tuple] | None]:
+    """The backbone (built from an arch name, or given) with the checkpoint's weights, and the
+    (mean, std) the checkpoint records, if any."""
+    if isinstance(backbone, str):
+        if checkpoint is None:
+            log.warning("FeaturePredictionLoss: %s has random weights (no checkpoint)", backbone)
+            return build_backbone(backbone, patch_size), None
+        obj = read_checkpoint(checkpoint) if isinstance(checkpoint, (str, Path)) else checkpoint
+        return backbone_from_checkpoint(obj, arch=backbone, which=which), checkpoint_stats(obj)
+    if checkpoint is not None:
+        load_backbone_weights(backbone, checkpoint, which=which)
+    return backbone, None
+
+
 class FeaturePredictionLoss(nn.Module):
     """Distance between prediction and target in a frozen backbone's feature space.
 
@@ -151,23 +170,7 @@ class FeaturePredictionLoss(nn.Module):
         super().__init__()
         if input_range not in ("unit", "normalized"):
             raise ValueError(f"input_range must be 'unit' or 'normalized', got {input_range!r}")
-        stats = None
-        if isinstance(backbone, str):
-            if checkpoint is not None:
-                obj = (
-                    read_checkpoint(checkpoint)
-                    if isinstance(checkpoint, (str, Path))
-                    else checkpoint
-                )
-                backbone = backbone_from_checkpoint(obj, arch=backbone, which=which)
-                stats = checkpoint_stats(obj)
-            else:
-                log.warning(
-                    "FeaturePredictionLoss: %s has random weights (no checkpoint)", backbone
-                )
-                backbone = build_backbone(backbone, patch_size)
-        elif checkpoint is not None:
-            load_backbone_weights(backbone, checkpoint, which=which)
+        backbone, stats = _backbone_and_stats(backbone, checkpoint, patch_size, which)
         self.backbone = backbone.eval()
         for p in self.backbone.parameters():
             p.requires_grad_(False)

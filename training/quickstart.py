@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from artifact.cli import RunFailed, UsageError, run_cli
+
 GALLERY_MARKER = ".complete"
 
 
@@ -39,8 +41,7 @@ def check_fashion_mnist(fmnist_dir: str | None) -> None:
     try:
         load_fashion_mnist(fmnist_dir)
     except DatasetError as exc:
-        say(str(exc))
-        raise SystemExit(2) from None
+        raise UsageError(str(exc)) from None
 
 
 def run_step(what: str, estimate: str, command: list[str], env: dict[str, str]) -> None:
@@ -48,8 +49,9 @@ def run_step(what: str, estimate: str, command: list[str], env: dict[str, str]) 
     started = time.time()
     result = subprocess.run(command, env=env)
     if result.returncode != 0:
-        say(f"{what} failed (exit {result.returncode}); the lines above say why.")
-        raise SystemExit(result.returncode)
+        message = f"{what} failed (exit {result.returncode}); the lines above say why"
+        # The step's own usage errors are this command's too (flags after -- go to training.run).
+        raise (UsageError if result.returncode == 2 else RunFailed)(message)
     say(f"{what}: done in {time.time() - started:.0f} s")
 
 
@@ -86,21 +88,54 @@ def write_gallery(gallery: Path, fmnist_dir: str | None, limit: int | None) -> i
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m training.quickstart", description=__doc__)
-    p.add_argument("--models-dir", default=os.environ.get("DINO_MODELS_DIR", "models"))
-    p.add_argument("--data-dir", default=os.environ.get("DINO_DATA_DIR", "data"))
-    p.add_argument("--name", default="quickstart", help="name of the model to train and serve")
-    p.add_argument("--fmnist-dir", help="folder with the Fashion-MNIST IDX files")
-    p.add_argument("--gallery-size", type=int, help="Fashion-MNIST test images to index (all)")
-    p.add_argument("--run-dir", default="runs/quickstart", help="training run folder")
-    p.add_argument("--no-serve", action="store_true", help="stop before starting the server")
+    p = argparse.ArgumentParser(
+        prog="python -m training.quickstart",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--models-dir",
+        default=os.environ.get("DINO_MODELS_DIR", "models"),
+        help="model store to train into and serve from. Default: $DINO_MODELS_DIR, else models",
+    )
+    p.add_argument(
+        "--data-dir",
+        default=os.environ.get("DINO_DATA_DIR", "data"),
+        help="where the gallery and its index go. Default: $DINO_DATA_DIR, else data",
+    )
+    p.add_argument(
+        "--name",
+        default="quickstart",
+        help="name of the model to train and serve. Default: quickstart; an existing model of "
+        "that name is served without training",
+    )
+    p.add_argument(
+        "--fmnist-dir",
+        help="folder with the Fashion-MNIST IDX files. Default: the Debian package's place",
+    )
+    p.add_argument(
+        "--gallery-size",
+        type=int,
+        help="Fashion-MNIST test images to index. Default: all 10,000; fewer for a faster start",
+    )
+    p.add_argument(
+        "--run-dir",
+        default="runs/quickstart",
+        help="training run folder. Default: runs/quickstart",
+    )
+    p.add_argument(
+        "--no-serve",
+        action="store_true",
+        help="stop before starting the server (CI, or to start it yourself)",
+    )
     p.add_argument(
         "train_args", nargs="*", help="extra flags for training.run (after --), e.g. -- --epochs 1"
     )
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> None:
+def run(argv: list[str] | None = None) -> None:
+    """Train if needed, index the gallery, then become the server (unless ``--no-serve``)."""
     args = parse_args(argv)
     models_dir, data_dir = Path(args.models_dir), Path(args.data_dir)
     env = {**os.environ, "DINO_MODELS_DIR": str(models_dir), "DINO_DATA_DIR": str(data_dir)}
@@ -136,5 +171,11 @@ def main(argv: list[str] | None = None) -> None:
     os.execve(python, [python, "-m", "service"], env)
 
 
+def main(argv: list[str] | None = None) -> int:
+    """``python -m training.quickstart``: exit 2 when the data set is missing or a step refuses
+    its flags, 1 when a step fails."""
+    return run_cli(run, argv, prog="python -m training.quickstart")
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,23 +1,58 @@
-"""What a training checkpoint holds, and putting it back so a resumed run takes the same step."""
+"""What a training checkpoint holds, and putting it back so a resumed run takes the same step.
+
+The pieces are generic over named parts (anything with ``state_dict`` / ``load_state_dict``):
+the DINO trainer and the decoder training of ``training.invert`` save and resume through them.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import copy
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 from training.checkpoints import CheckpointError
-from training.train_parts import Plan, rng_state, seed_everything, set_rng_state
-
-if TYPE_CHECKING:
-    from training.trainer import Trainer
+from training.rng import rng_state, seed_everything, set_rng_state
+from training.state import Plan, TrainState
 
 FORMAT_TAG = "dino-feature-service/train-checkpoint/v1"
 CHECKPOINT_NAME = "checkpoint.pth"
 
 
-def training_state(trainer: Trainer) -> dict:
-    """Models, optimiser, loss centres, position in the schedule, config and RNG states.
+class Stateful(Protocol):
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> Any: ...
+
+
+def state_dicts(parts: Mapping[str, Stateful | None]) -> dict[str, dict | None]:
+    """Each part's ``state_dict()`` under its name (``None`` for an absent part)."""
+    return {name: None if part is None else part.state_dict() for name, part in parts.items()}
+
+
+def load_state_dicts(parts: Mapping[str, Stateful | None], saved: Mapping[str, Any]) -> None:
+    """The inverse of ``state_dicts``; absent parts are skipped."""
+    for name, part in parts.items():
+        if part is not None:
+            part.load_state_dict(saved[name])
+
+
+@contextlib.contextmanager
+def preserved(parts: Mapping[str, Stateful | None]) -> Iterator[None]:
+    """Everything in ``parts`` and the RNG states are put back as they were on leaving."""
+    saved = copy.deepcopy((state_dicts(parts), rng_state()))
+    try:
+        yield
+    finally:
+        load_state_dicts(parts, saved[0])
+        set_rng_state(saved[1])
+
+
+def training_state(trainer: Any) -> dict:
+    """Models, optimiser, loss centres, position in the schedule, config and RNG states of a
+    ``training.trainer.Trainer`` (not imported here: the trainer imports this module).
 
     Everything is tensors or plain data (the config and plan as ``asdict`` dicts, rebuilt on
     load), so ``read_checkpoint`` loads it without admitting any class of this project."""
@@ -37,8 +72,11 @@ def training_state(trainer: Trainer) -> dict:
     }
 
 
-def restore_training_state(trainer: Trainer, state: dict, path: Path) -> None:
-    """The inverse of ``training_state``; ``path`` only names the file in errors."""
+def restore_training_state(
+    parts: Mapping[str, Stateful | None], state: dict, path: Path, iters_per_epoch: int
+) -> TrainState:
+    """Load ``training_state``'s parts back and return the position it was saved at; ``path``
+    only names the file in errors. ``iters_per_epoch`` is the loader's length now."""
     if state.get("format") != FORMAT_TAG:
         raise CheckpointError(
             f"{path} is not a training checkpoint of this project (format "
@@ -47,20 +85,19 @@ def restore_training_state(trainer: Trainer, state: dict, path: Path) -> None:
     for key in ("config", "plan"):  # plain dicts by design: objects never travel in checkpoints
         if not isinstance(state.get(key), dict):
             raise CheckpointError(f"{path}: {key!r} is not a dict of plain values")
-    trainer.student_plain.load_state_dict(state["student"])
-    trainer.teacher.load_state_dict(state["teacher"])
-    trainer.optimizer.load_state_dict(state["optimizer"])
-    trainer.loss.load_state_dict(state["dino_loss"])
-    if trainer.patch_loss is not None:
-        trainer.patch_loss.load_state_dict(state["patch_loss"])
-    trainer.epoch, trainer.iteration = int(state["epoch"]), int(state["iteration"])
-    trainer.build_schedules(Plan(**state["plan"]))
-    if trainer.plan.iters_per_epoch != len(trainer.loader):
+    load_state_dicts(parts, state)
+    plan = Plan(**state["plan"])
+    if plan.iters_per_epoch != iters_per_epoch:
         raise CheckpointError(
-            f"the data changed: {len(trainer.loader)} batches per epoch now, "
-            f"{trainer.plan.iters_per_epoch} when {path} was written"
+            f"the data changed: {iters_per_epoch} batches per epoch now, "
+            f"{plan.iters_per_epoch} when {path} was written"
         )
-    if trainer.dist.is_main:
+    return TrainState(epoch=int(state["epoch"]), iteration=int(state["iteration"]), plan=plan)
+
+
+def restore_rng(state: dict, *, is_main: bool, seed: int, rank: int, epoch: int) -> None:
+    """Rank 0 takes the saved RNG states; other ranks get their own stream for this epoch."""
+    if is_main:
         set_rng_state(state["rng"])
-    else:  # the saved state is rank 0's; other ranks get their own stream
-        seed_everything(trainer.cfg.seed + 1000 * trainer.epoch + trainer.dist.rank)
+    else:
+        seed_everything(seed + 1000 * epoch + rank)

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 import numpy as np
+
+if TYPE_CHECKING:
+    from training.config import TrainConfig
+    from training.state import Plan
 
 
 def cosine_scheduler(
@@ -39,3 +46,26 @@ def scaled_lr(base_lr: float, total_batch: int) -> float:
     if total_batch <= 0:
         raise ValueError(f"total batch size must be positive, got {total_batch}")
     return base_lr * total_batch / 256.0
+
+
+@dataclass
+class Schedules:
+    """A run's per-iteration values, indexed by the global iteration."""
+
+    lr: np.ndarray
+    weight_decay: np.ndarray
+    momentum: np.ndarray  # the teacher's EMA momentum
+    freeze_iters: int  # the head's last layer gets no gradient before this iteration
+
+
+def build_schedules(cfg: TrainConfig, plan: Plan) -> Schedules:
+    """The config's schedules laid over ``plan``: epoch lengths in its (maybe budgeted) steps."""
+    n = plan.sched_iters_per_epoch
+    warm = min(cfg.warmup_epochs, cfg.epochs)
+    lr_peak = scaled_lr(cfg.lr, cfg.batch_size)
+    return Schedules(
+        lr=cosine_scheduler(lr_peak, cfg.min_lr, cfg.epochs, n, warm),
+        weight_decay=cosine_scheduler(cfg.weight_decay, cfg.weight_decay_end, cfg.epochs, n),
+        momentum=cosine_scheduler(cfg.momentum_teacher, cfg.momentum_teacher_end, cfg.epochs, n),
+        freeze_iters=int(round(cfg.freeze_last_layer * n)),
+    )
