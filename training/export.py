@@ -55,6 +55,7 @@ from training.onnx_graph import (
 )
 from training.parity import (
     check_parity,
+    far_parity_inputs,
     load_photo,
     parity_inputs,
     preprocess,
@@ -171,6 +172,7 @@ def export_backbone(
             std,
         )
         inputs = parity_inputs(train_image_size, patch or 32, photo)
+        inputs += far_parity_inputs(backbone)
         parity = check_parity(model, fp32_path, inputs)
         log.info(
             "parity: %d shapes in %.1f s, min embedding cosine %.7f",
@@ -193,6 +195,8 @@ def export_backbone(
             name=name,
             arch=arch,
             family=family,
+            lineage=getattr(backbone, "lineage", "dino"),
+            n_register_tokens=getattr(backbone, "n_register_tokens", 0),
             patch_size=patch,
             embed_dim=backbone.embed_dim,
             num_heads=backbone.num_heads if family == "vit" else None,
@@ -254,8 +258,13 @@ def _inferred_image_size(obj: Mapping, which: str, patch_size: int) -> int | Non
 
 def main(argv: Sequence[str] | None = None) -> int:
     from training.augment import IMAGENET_MEAN, IMAGENET_STD
-    from training.backbones import ARCHS, build_backbone
-    from training.checkpoints import CheckpointError, load_backbone_weights, read_checkpoint
+    from training.backbones import ARCHS, build_backbone, family_kwargs, is_family_arch
+    from training.checkpoints import (
+        CheckpointError,
+        extract_backbone_state_dict,
+        load_backbone_weights,
+        read_checkpoint,
+    )
     from training.parity import ParityError
 
     parser = argparse.ArgumentParser(
@@ -311,6 +320,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         depth = args.depth or config.get("vit_depth")
         if is_vit and depth:
             kw["depth"] = depth
+        if is_family_arch(arch) and obj:  # a hub name: the file's own depth and position grid
+            kw = family_kwargs(arch, extract_backbone_state_dict(obj, args.which))
         torch.manual_seed(args.seed)
         backbone = build_backbone(arch, patch_size, **kw)
         ours = "eval_crop" in config  # the project's own run: its normalisation and eval sizes

@@ -1,0 +1,137 @@
+"""Independent reference forwards of the official DINOv2 / DINOv3 ViTs and ConvNeXt, written
+from their published definitions straight on a state dict (no module of ``training`` used), and
+helpers shared by the family tests."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+KEYS_DIR = Path(__file__).parent / "data" / "official_keys"
+
+
+def official_keys(name: str) -> list[tuple[str, list[int]]]:
+    """(key, shape) of the official state dict, trimmed to the first block of each stage."""
+    rows = []
+    for line in (KEYS_DIR / f"{name}.keys.tsv").read_text().splitlines():
+        if line and not line.startswith("#"):
+            key, shape, _ = line.split("\t")
+            rows.append((key, [int(s) for s in shape.strip("[]").split(",") if s.strip()]))
+    return rows
+
+
+def trim(keys: list[str]) -> list[str]:
+    """Keep what the key files keep: everything but blocks/stage members after the first."""
+    out = []
+    for key in keys:
+        parts = key.split(".")
+        if parts[0] == "blocks" and parts[1] != "0":
+            continue
+        if parts[0] == "stages" and parts[2] != "0":
+            continue
+        out.append(key)
+    return out
+
+
+def randomize(model: torch.nn.Module, seed: int, std: float = 0.2) -> dict[str, Tensor]:
+    """Every float tensor random (layerscale and norms too), so no term can hide behind an
+    identity init; buffers that are constants of the architecture are kept."""
+    gen = torch.Generator().manual_seed(seed)
+    sd = {}
+    for key, value in model.state_dict().items():
+        if key.endswith(("periods", "bias_mask")):
+            sd[key] = value.clone()
+        else:
+            sd[key] = torch.randn(value.shape, generator=gen) * std
+    return sd
+
+
+def layer_norm(x: Tensor, sd: dict, prefix: str, eps: float) -> Tensor:
+    mu = x.mean(-1, keepdim=True)
+    var = ((x - mu) ** 2).mean(-1, keepdim=True)
+    return (x - mu) / torch.sqrt(var + eps) * sd[f"{prefix}.weight"] + sd[f"{prefix}.bias"]
+
+
+def linear(x: Tensor, sd: dict, prefix: str) -> Tensor:
+    return x @ sd[f"{prefix}.weight"].T + sd[f"{prefix}.bias"]
+
+
+def rotate(x: Tensor, sin: Tensor, cos: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin
+
+
+def attention(x: Tensor, sd: dict, p: str, heads: int, rope=None, k_bias_mask=False) -> Tensor:
+    b, n, d = x.shape
+    bias = sd[f"{p}.qkv.bias"] * (sd[f"{p}.qkv.bias_mask"] if k_bias_mask else 1)
+    qkv = (x @ sd[f"{p}.qkv.weight"].T + bias).reshape(b, n, 3, heads, d // heads)
+    q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+    if rope is not None:
+        sin, cos = rope
+        start = n - sin.shape[0]
+        q = torch.cat((q[:, :, :start], rotate(q[:, :, start:], sin, cos)), 2)
+        k = torch.cat((k[:, :, :start], rotate(k[:, :, start:], sin, cos)), 2)
+    weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d // heads), -1)
+    out = (weights @ v).transpose(1, 2).reshape(b, n, d)
+    return linear(out, sd, f"{p}.proj")
+
+
+def ffn(x: Tensor, sd: dict, p: str) -> Tensor:
+    if f"{p}.w12.weight" in sd:  # DINOv2 fused SwiGLU
+        a, g = linear(x, sd, f"{p}.w12").chunk(2, -1)
+        return linear(F.silu(a) * g, sd, f"{p}.w3")
+    if f"{p}.w1.weight" in sd:  # DINOv3 SwiGLU
+        return linear(F.silu(linear(x, sd, f"{p}.w1")) * linear(x, sd, f"{p}.w2"), sd, f"{p}.w3")
+    return linear(F.gelu(linear(x, sd, f"{p}.fc1")), sd, f"{p}.fc2")
+
+
+def vit_blocks(x: Tensor, sd: dict, heads: int, eps: float, rope=None, k_mask=False):
+    """Prenorm tokens after every block."""
+    outs = []
+    depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
+    for i in range(depth):
+        p = f"blocks.{i}"
+        y = attention(layer_norm(x, sd, f"{p}.norm1", eps), sd, f"{p}.attn", heads, rope, k_mask)
+        x = x + y * sd[f"{p}.ls1.gamma"]
+        x = x + ffn(layer_norm(x, sd, f"{p}.norm2", eps), sd, f"{p}.mlp") * sd[f"{p}.ls2.gamma"]
+        outs.append(x)
+    return outs
+
+
+def dinov2_positions(sd: dict, h: int, w: int, offset: float, antialias: bool) -> Tensor:
+    """The official resize: skip at the trained square grid, else bicubic with the offset scale
+    factor (originals) or to an explicit size with antialias (register models)."""
+    pos = sd["pos_embed"]
+    m = int(math.sqrt(pos.shape[1] - 1))
+    if h == m and w == m:
+        return pos
+    grid = pos[:, 1:].reshape(1, m, m, -1).permute(0, 3, 1, 2)
+    if offset:
+        grid = F.interpolate(
+            grid, scale_factor=((h + offset) / m, (w + offset) / m), mode="bicubic"
+        )
+    else:
+        grid = F.interpolate(grid, size=(h, w), mode="bicubic", antialias=antialias)
+    return torch.cat((pos[:, :1], grid.permute(0, 2, 3, 1).reshape(1, h * w, -1)), 1)
+
+
+def dinov2_reference(
+    sd: dict, x: Tensor, heads: int, patch: int, registers: int, offset: float, mask=None
+):
+    """(prenorm tokens per block, normed final tokens) of DINOv2 with CLS, registers, patches;
+    ``mask [B, h*w]`` swaps those patch embeddings for ``mask_token``."""
+    t = F.conv2d(x, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=patch)
+    h, w = t.shape[-2:]
+    t = t.flatten(2).transpose(1, 2)
+    if mask is not None:
+        t = torch.where(mask[..., None], sd["mask_token"][None], t)
+    t = torch.cat((sd["cls_token"].expand(len(x), -1, -1), t), 1)
+    t = t + dinov2_positions(sd, h, w, offset, antialias=not offset)
+    if registers:
+        t = torch.cat((t[:, :1], sd["register_tokens"].expand(len(x), -1, -1), t[:, 1:]), 1)
+    outs = vit_blocks(t, sd, heads, 1e-6)
+    return outs, layer_norm(outs[-1], sd, "norm", 1e-6)
