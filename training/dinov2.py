@@ -126,16 +126,14 @@ class PrefixTokenViT(nn.Module):
         """CLS then patch tokens after the final norm, ``[B, 1 + h*w, D]`` (register tokens left
         out, so token ``1 + i`` is patch ``i``); ``patch_mask [B, h*w]`` (True = hidden) swaps
         those patches for ``mask_token`` (default: the model's own ``mask_token``)."""
-        for tokens, _ in self._run(x, patch_mask, mask_token):
-            pass
+        *_, (tokens, _) = self._run(x, patch_mask, mask_token)
         tokens = self.norm(tokens)
         return torch.cat((tokens[:, :1], tokens[:, self.n_prefix_tokens :]), dim=1)
 
     def get_last_selfattention(self, x: Tensor) -> Tensor:
         """Softmax attention of the last block, ``[B, heads, N, N]`` over every token
         (CLS, register tokens, patches)."""
-        for _, attn in self._run(x):
-            pass
+        *_, (_, attn) = self._run(x)
         return attn
 
     def get_intermediate_layers(
@@ -156,8 +154,7 @@ class PrefixTokenViT(nn.Module):
     def forward_features(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """What the served artifact needs: CLS ``[B, D]``, patch tokens ``[B, h*w, D]`` (both
         normed) and the last block's CLS-to-patch attention ``[B, heads, h*w]``."""
-        for tokens, attn in self._run(x):
-            pass
+        *_, (tokens, attn) = self._run(x)
         tokens = self.norm(tokens)
         prefix = self.n_prefix_tokens
         return tokens[:, 0], tokens[:, prefix:], attn[:, :, 0, prefix:]
