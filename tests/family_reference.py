@@ -135,3 +135,28 @@ def dinov2_reference(
         t = torch.cat((t[:, :1], sd["register_tokens"].expand(len(x), -1, -1), t[:, 1:]), 1)
     outs = vit_blocks(t, sd, heads, 1e-6)
     return outs, layer_norm(outs[-1], sd, "norm", 1e-6)
+
+
+def dinov3_rope(periods: Tensor, h: int, w: int) -> tuple[Tensor, Tensor]:
+    """sin, cos ``[h*w, head_dim]``: row-major patch centres in [-1, 1] per axis, the row angle
+    block then the column angle block, repeated twice."""
+    ys = ((torch.arange(h) + 0.5) / h) * 2 - 1
+    xs = ((torch.arange(w) + 0.5) / w) * 2 - 1
+    rows, cols = ys.repeat_interleave(w), xs.repeat(h)
+    half = torch.cat((rows[:, None] / periods, cols[:, None] / periods), 1) * 2 * math.pi
+    angles = torch.cat((half, half), 1)
+    return angles.sin(), angles.cos()
+
+
+def dinov3_reference(sd: dict, x: Tensor, heads: int, patch: int, mask=None):
+    """(prenorm tokens per block, normed final tokens) of DINOv3 with CLS, storage, patches."""
+    t = F.conv2d(x, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=patch)
+    h, w = t.shape[-2:]
+    t = t.flatten(2).transpose(1, 2)
+    if mask is not None:
+        t = torch.where(mask[..., None], sd["mask_token"][None], t)
+    b = len(x)
+    t = torch.cat((sd["cls_token"].expand(b, -1, -1), sd["storage_tokens"].expand(b, -1, -1), t), 1)
+    rope = dinov3_rope(sd["rope_embed.periods"], h, w)
+    outs = vit_blocks(t, sd, heads, 1e-5, rope, k_mask=True)
+    return outs, layer_norm(outs[-1], sd, "norm", 1e-5)

@@ -8,11 +8,15 @@ import torchvision
 from torch import Tensor, nn
 
 from training.dinov2 import DINOV2_CONFIGS, build_dinov2
+from training.dinov3 import DINOV3_CONFIGS, build_dinov3
 from training.vision_transformer import VIT_SIZES, VisionTransformer, build_vit
 
 RESNETS = {"resnet18": 512, "resnet50": 2048}
 # Official hub names: the name alone builds the published configuration (docs/models.md).
-FAMILY_BUILDERS = {name: build_dinov2 for name in DINOV2_CONFIGS}
+FAMILY_BUILDERS = {
+    **{name: build_dinov2 for name in DINOV2_CONFIGS},
+    **{name: build_dinov3 for name in DINOV3_CONFIGS},
+}
 ARCHS = sorted([*VIT_SIZES, *RESNETS, *FAMILY_BUILDERS])
 
 
