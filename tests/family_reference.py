@@ -45,6 +45,8 @@ def randomize(model: torch.nn.Module, seed: int, std: float = 0.2) -> dict[str, 
     for key, value in model.state_dict().items():
         if key.endswith(("periods", "bias_mask")):
             sd[key] = value.clone()
+        elif key.startswith("norms.3."):  # ConvNeXt: a second name of ``norm``, same tensors
+            sd[key] = sd[key.replace("norms.3.", "norm.")]
         else:
             sd[key] = torch.randn(value.shape, generator=gen) * std
     return sd
@@ -160,3 +162,30 @@ def dinov3_reference(sd: dict, x: Tensor, heads: int, patch: int, mask=None):
     rope = dinov3_rope(sd["rope_embed.periods"], h, w)
     outs = vit_blocks(t, sd, heads, 1e-5, rope, k_mask=True)
     return outs, layer_norm(outs[-1], sd, "norm", 1e-5)
+
+
+def channels_first_norm(x: Tensor, sd: dict, prefix: str) -> Tensor:
+    return layer_norm(x.permute(0, 2, 3, 1), sd, prefix, 1e-6).permute(0, 3, 1, 2)
+
+
+def convnext_reference(sd: dict, x: Tensor) -> tuple[Tensor, Tensor]:
+    """(pooled normed features, normed last-stage tokens) of DINOv3's ConvNeXt."""
+    x = F.conv2d(x, sd["downsample_layers.0.0.weight"], sd["downsample_layers.0.0.bias"], stride=4)
+    x = channels_first_norm(x, sd, "downsample_layers.0.1")
+    for s in range(4):
+        if s:
+            x = channels_first_norm(x, sd, f"downsample_layers.{s}.0")
+            w, b = sd[f"downsample_layers.{s}.1.weight"], sd[f"downsample_layers.{s}.1.bias"]
+            x = F.conv2d(x, w, b, stride=2)
+        n = len({k.split(".")[2] for k in sd if k.startswith(f"stages.{s}.")})
+        for i in range(n):
+            p = f"stages.{s}.{i}"
+            y = F.conv2d(
+                x, sd[f"{p}.dwconv.weight"], sd[f"{p}.dwconv.bias"], padding=3, groups=x.shape[1]
+            )
+            y = layer_norm(y.permute(0, 2, 3, 1), sd, f"{p}.norm", 1e-6)
+            y = linear(F.gelu(linear(y, sd, f"{p}.pwconv1")), sd, f"{p}.pwconv2") * sd[f"{p}.gamma"]
+            x = x + y.permute(0, 3, 1, 2)
+    tokens = torch.cat((x.mean((-2, -1))[:, None], x.flatten(2).transpose(1, 2)), 1)
+    normed = layer_norm(tokens, sd, "norm", 1e-6)
+    return normed[:, 0], normed[:, 1:]

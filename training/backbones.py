@@ -7,6 +7,7 @@ from collections.abc import Mapping
 import torchvision
 from torch import Tensor, nn
 
+from training.convnext import CONVNEXT_CONFIGS, build_convnext
 from training.dinov2 import DINOV2_CONFIGS, build_dinov2
 from training.dinov3 import DINOV3_CONFIGS, build_dinov3
 from training.vision_transformer import VIT_SIZES, VisionTransformer, build_vit
@@ -16,6 +17,7 @@ RESNETS = {"resnet18": 512, "resnet50": 2048}
 FAMILY_BUILDERS = {
     **{name: build_dinov2 for name in DINOV2_CONFIGS},
     **{name: build_dinov3 for name in DINOV3_CONFIGS},
+    **{name: build_convnext for name in CONVNEXT_CONFIGS},
 }
 ARCHS = sorted([*VIT_SIZES, *RESNETS, *FAMILY_BUILDERS])
 
