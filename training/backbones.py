@@ -22,6 +22,16 @@ FAMILY_BUILDERS = {
 ARCHS = sorted([*VIT_SIZES, *RESNETS, *FAMILY_BUILDERS])
 
 
+def family_patch_size(arch: str) -> int | None:
+    """The patch size a DINOv2/DINOv3 ViT hub name fixes (None for other names)."""
+    return 14 if arch in DINOV2_CONFIGS else 16 if arch in DINOV3_CONFIGS else None
+
+
+def is_token_vit(arch: str) -> bool:
+    """A ViT of any family: has patch tokens, attention and a patch size."""
+    return arch in VIT_SIZES or family_patch_size(arch) is not None
+
+
 def is_family_arch(arch: str) -> bool:
     """True for a DINOv2/DINOv3 hub name (fixed patch size, built by name alone)."""
     return arch in FAMILY_BUILDERS
