@@ -123,3 +123,23 @@ def test_matrix_resize_matches_torch_bicubic(out):
     ref = F.interpolate(grid[None], size=out, mode="bicubic", antialias=True)
     got = resize_grid(grid, bicubic_aa_matrix(h, 37), bicubic_aa_matrix(w, 37))
     torch.testing.assert_close(got, ref[0], atol=3e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["dinov2_vits14_reg", "dinov3_vits16"])
+def test_feature_prediction_loss_takes_a_hub_name_and_its_checkpoint(name, tmp_path):
+    from training.perceptual import FeaturePredictionLoss
+
+    small = {"depth": 2, **({"img_size": 56} if name.startswith("dinov2") else {})}
+    sd = randomize(build_backbone(name, **small), 0, std=0.05)  # the hub width, fewer blocks
+    path = tmp_path / "ckpt.pth"
+    torch.save(sd, path)
+    loss = FeaturePredictionLoss(name, path, cls_weight=0.5, input_range="normalized")
+    assert len(loss.backbone.blocks) == 2 and loss.layers == (0, 1)
+    x = torch.randn(2, 3, 112, 112, generator=torch.Generator().manual_seed(0))  # /14 and /16
+    with torch.no_grad():
+        layers, cls = loss.features(x)
+        emb, patches, _ = loss.backbone.forward_features(x)
+    torch.testing.assert_close(layers[-1], patches)  # register/storage tokens left out
+    torch.testing.assert_close(cls, emb)
+    y = x + 0.1 * torch.randn_like(x)
+    assert float(loss(x, x)) == pytest.approx(0.0, abs=1e-6) and float(loss(y, x)) > 0
