@@ -143,3 +143,17 @@ def test_live_server_answers_every_endpoint(name, artifacts, tmp_path):
         assert png.headers["content-type"] == "image/png"
     finally:
         server.stop()
+
+
+def test_attention_quality_metrics(artifacts):
+    from benchmarks.attention_quality import measure, norm_outliers, top_share
+
+    spike = np.full((2, 200), 1.0)
+    spike[:, 7] = 198.0  # one patch holds half of each head's mass
+    assert top_share(spike) == pytest.approx((198 + 1) / 397)  # top 2 of 200 patches
+    tokens = np.ones((100, 4))
+    tokens[3] *= 10
+    assert norm_outliers(tokens) == pytest.approx(0.01)
+    row = measure(artifacts["dinov2_vits14_reg"])
+    assert row["register_tokens"] == 4 and 0 < row["top1pct_attention_share"] <= 1
+    assert 0 <= row["norm_outlier_share"] <= 1
