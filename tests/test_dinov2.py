@@ -107,8 +107,9 @@ def test_bad_checkpoint_error_names_the_key(edit, named, tmp_path):
 
 def test_original_checkpoint_does_not_load_into_register_model():
     sd = randomize(build_backbone("dinov2_vits14", **SMALL), 0)
-    with pytest.raises(CheckpointError, match="register_tokens"):
+    with pytest.raises(CheckpointError, match="register_tokens") as err:
         load_backbone_weights(build_backbone("dinov2_vits14_reg", **SMALL), sd)
+    assert "holds a DINOv2 ViT" in str(err.value) and "--arch dinov2_vit?14" in str(err.value)
 
 
 @pytest.mark.parametrize("out", [(16, 16), (37, 28), (50, 20), (5, 7), (37, 37)])
