@@ -120,10 +120,13 @@ def test_matrix_resize_matches_torch_bicubic(out):
     ref = F.interpolate(grid[None], scale_factor=((h + 0.1) / 37, (w + 0.1) / 37), mode="bicubic")
     rows = bicubic_matrix(h, 37, torch.tensor(37 / (h + 0.1)))
     cols = bicubic_matrix(w, 37, torch.tensor(37 / (w + 0.1)))
-    torch.testing.assert_close(resize_grid(grid, rows, cols), ref[0], atol=3e-5, rtol=1e-5)
+    channels_last = grid.permute(1, 2, 0)  # resize_grid's layout, [M, M, D] -> [h*w, D]
+    tokens = ref[0].permute(1, 2, 0).reshape(-1, 8)
+    got = resize_grid(channels_last, rows, cols)
+    torch.testing.assert_close(got, tokens, atol=3e-5, rtol=1e-5)
     ref = F.interpolate(grid[None], size=out, mode="bicubic", antialias=True)
-    got = resize_grid(grid, bicubic_aa_matrix(h, 37), bicubic_aa_matrix(w, 37))
-    torch.testing.assert_close(got, ref[0], atol=3e-5, rtol=1e-5)
+    got = resize_grid(channels_last, bicubic_aa_matrix(h, 37), bicubic_aa_matrix(w, 37))
+    torch.testing.assert_close(got, ref[0].permute(1, 2, 0).reshape(-1, 8), atol=3e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["dinov2_vits14_reg", "dinov3_vits16"])

@@ -157,3 +157,19 @@ def test_attention_quality_metrics(artifacts):
     row = measure(artifacts["dinov2_vits14_reg"])
     assert row["register_tokens"] == 4 and 0 < row["top1pct_attention_share"] <= 1
     assert 0 <= row["norm_outlier_share"] <= 1
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_openvino_runs_each_artifact_like_onnxruntime(name, artifacts):
+    """The served default engine: every graph compiles and agrees at two sizes."""
+    ov = pytest.importorskip("openvino")
+    path = str(artifacts[name] / "model.onnx")
+    compiled = ov.Core().compile_model(path, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    session = ort.InferenceSession(path)
+    patch = 14 if name.startswith("dinov2") else 16
+    for size in [(224, 224), (37 * patch, 28 * patch)]:
+        x = np.random.default_rng(1).standard_normal((1, 3, *size), dtype=np.float32)
+        for got, want in zip(
+            compiled(x).values(), session.run(None, {"pixel_values": x}), strict=True
+        ):
+            np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-4)

@@ -240,23 +240,23 @@ class DinoV2(PrefixTokenViT):
             return self.pos_embed
         pos = self.pos_embed.float()
         dim = pos.shape[-1]
-        grid = pos[0, 1:].reshape(m, m, dim).permute(2, 0, 1)
         if exporting():
             h, w = torch.as_tensor(h_patches), torch.as_tensor(w_patches)
             same = (h == m) & (w == m)
-            grid = resize_grid(grid, self._matrix(h, m, same), self._matrix(w, m, same))
-        elif self.interpolate_offset:
-            scale = (
-                (h_patches + self.interpolate_offset) / m,
-                (w_patches + self.interpolate_offset) / m,
-            )
-            grid = F.interpolate(grid[None], scale_factor=scale, mode="bicubic")[0]
+            rows, cols = self._matrix(h, m, same), self._matrix(w, m, same)
+            patch_pos = resize_grid(pos[0, 1:].reshape(m, m, dim), rows, cols)[None]
         else:
-            size = (int(h_patches), int(w_patches))
-            grid = F.interpolate(
-                grid[None], size=size, mode="bicubic", antialias=self.interpolate_antialias
-            )[0]
-        patch_pos = grid.permute(1, 2, 0).reshape(1, -1, dim)
+            grid = pos[:, 1:].reshape(1, m, m, dim).permute(0, 3, 1, 2)
+            if self.interpolate_offset:
+                offset = self.interpolate_offset
+                scale = ((h_patches + offset) / m, (w_patches + offset) / m)
+                grid = F.interpolate(grid, scale_factor=scale, mode="bicubic")
+            else:
+                size = (int(h_patches), int(w_patches))
+                grid = F.interpolate(
+                    grid, size=size, mode="bicubic", antialias=self.interpolate_antialias
+                )
+            patch_pos = grid.permute(0, 2, 3, 1).reshape(1, -1, dim)
         return torch.cat((pos[:, :1], patch_pos), dim=1).to(self.pos_embed.dtype)
 
     def _matrix(self, n: Tensor, m: int, same: Tensor) -> Tensor:

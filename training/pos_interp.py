@@ -54,5 +54,12 @@ def bicubic_aa_matrix(out_len: int | Tensor, in_len: int) -> Tensor:
 
 
 def resize_grid(grid: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
-    """Apply ``rows [h, M]`` and ``cols [w, M]`` to ``grid [D, M, M]`` giving ``[D, h, w]``."""
-    return rows @ grid @ cols.transpose(0, 1)
+    """Apply ``rows [h, M]`` and ``cols [w, M]`` to ``grid [M, M, D]``, giving the resized grid
+    as row-major tokens ``[h*w, D]``.
+
+    Only 2-D products with the dynamic matrix on the left: OpenVINO's CPU plugin turns them into
+    fully connected layers and rejects broadcast batched products with a dynamic side."""
+    m, _, dim = grid.shape
+    by_col = cols @ grid.permute(1, 0, 2).reshape(m, -1)  # [w, M * D], contracted over columns
+    by_col = by_col.reshape(-1, m, dim).permute(1, 0, 2).reshape(m, -1)  # [M, w * D]
+    return (rows @ by_col).reshape(-1, dim)  # [h, w * D] -> [h * w, D]
