@@ -85,7 +85,16 @@ class Manifest(Strict):
     format_version: int = FORMAT_VERSION
     name: str = Field(pattern=names.NAME_PATTERN)
     arch: str
-    family: Literal["vit", "resnet"]
+    family: Literal["vit", "resnet", "convnext"]
+    lineage: Literal["dino", "dinov2", "dinov3"] = Field(
+        default="dino", description="which DINO generation the architecture comes from"
+    )
+    n_register_tokens: int = Field(
+        default=0,
+        ge=0,
+        description="register (DINOv2) or storage (DINOv3) tokens after CLS; left out of "
+        "attention, patch_tokens and layer_tokens",
+    )
     patch_size: int | None = Field(default=None, gt=0)
     embed_dim: int = Field(gt=0)
     num_heads: int | None = Field(default=None, gt=0)
@@ -119,7 +128,7 @@ class Manifest(Strict):
             self._check_token_layers()
         elif tuple(self.outputs) != names.RESNET_OUTPUTS:
             raise ValueError(
-                f"a ResNet artifact has outputs {names.RESNET_OUTPUTS}, got {self.outputs}"
+                f"a convnet artifact has outputs {names.RESNET_OUTPUTS}, got {self.outputs}"
             )
         elif self.token_layers is not None:
             raise ValueError("token_layers is for ViT artifacts only")

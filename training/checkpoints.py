@@ -175,9 +175,33 @@ def _listing(keys: list[str], sort: bool = True) -> str:
     return f"[{shown}{f', ... and {more} more' if more > 0 else ''}]"
 
 
+_FAMILY_WIDTHS = {384: "s", 768: "b", 1024: "l", 1536: "g"}
+
+
+def _describe_family(sd: Mapping[str, Tensor]) -> tuple[str, str] | None:
+    """DINOv2 / DINOv3 backbones, told apart by their layerscale, RoPE and ConvNeXt keys."""
+    if "downsample_layers.0.0.weight" in sd:
+        width = int(sd["norm.weight"].shape[0]) if "norm.weight" in sd else "?"
+        return f"a DINOv3 ConvNeXt (final width {width})", ""
+    if "blocks.0.ls1.gamma" not in sd or "patch_embed.proj.weight" not in sd:
+        return None
+    dim = int(sd["patch_embed.proj.weight"].shape[0])
+    depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
+    size = _FAMILY_WIDTHS.get(dim, "?")
+    if "rope_embed.periods" in sd:
+        plus = "plus" if "blocks.0.mlp.w1.weight" in sd else ""
+        arch = f"dinov3_vit{size}16{plus}"
+        return f"a DINOv3 ViT ({arch}-shaped, width {dim}, depth {depth})", f"--arch {arch}"
+    arch = f"dinov2_vit{size}14{'_reg' if 'register_tokens' in sd else ''}"
+    return f"a DINOv2 ViT ({arch}-shaped, width {dim}, depth {depth})", f"--arch {arch}"
+
+
 def describe_state_dict(sd: Mapping[str, Tensor]) -> tuple[str, str]:
     """Best guess of the architecture a backbone state dict belongs to, and the CLI flags that
     build it: ``("vit_small, patch 16, ...", "--arch vit_small --patch-size 16")``."""
+    family = _describe_family(sd)
+    if family is not None:
+        return family
     if "cls_token" in sd and "patch_embed.proj.weight" in sd:
         dim, _, patch, _ = sd["patch_embed.proj.weight"].shape
         depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})

@@ -62,7 +62,7 @@ from training.onnx_graph import (
     output_names,
     token_layers,
 )
-from training.parity import check_parity, parity_inputs
+from training.parity import check_parity, far_parity_inputs, parity_inputs
 from training.quantize import MIN_INT8_COSINE, int8_variant
 
 # Named explicitly: run as ``python -m`` this module is ``__main__``.
@@ -159,6 +159,8 @@ def _network_fields(backbone: nn.Module, patch: int | None) -> dict[str, Any]:
     vit = backbone.family == "vit"
     return {
         "family": backbone.family,
+        "lineage": getattr(backbone, "lineage", "dino"),
+        "n_register_tokens": getattr(backbone, "n_register_tokens", 0),
         "patch_size": patch,
         "embed_dim": backbone.embed_dim,
         "num_heads": backbone.num_heads if vit else None,
@@ -237,7 +239,7 @@ def _write_checked_onnx(
     t0 = time.perf_counter()
     resize, mean, std = photo_eval
     photo = eval_pixels(load_photo("astronaut"), resize, train_image_size, mean, std)
-    inputs = parity_inputs(train_image_size, patch or 32, photo)
+    inputs = parity_inputs(train_image_size, patch or 32, photo) + far_parity_inputs(model)
     parity = check_parity(model, path, inputs)
     log.info(
         "parity: %d shapes in %.1f s, min embedding cosine %.7f",
@@ -311,8 +313,8 @@ def _backbone(args: argparse.Namespace, obj: Mapping, config: dict) -> tuple[nn.
     """The network to export, its arch and training image size: flags win; otherwise a
     checkpoint that records its training config (ours, or an official full checkpoint's
     ``args``) says how to rebuild it."""
-    from training.backbones import ARCHS, build_backbone
-    from training.checkpoints import load_backbone_weights
+    from training.backbones import ARCHS, build_backbone, family_kwargs, is_family_arch
+    from training.checkpoints import extract_backbone_state_dict, load_backbone_weights
 
     arch = args.arch or config.get("arch")
     if arch not in ARCHS:
@@ -328,6 +330,8 @@ def _backbone(args: argparse.Namespace, obj: Mapping, config: dict) -> tuple[nn.
     depth = args.depth or config.get("vit_depth")
     if is_vit and depth:
         kw["depth"] = depth
+    if is_family_arch(arch) and obj:  # a hub name: the file's own depth and position grid
+        kw = family_kwargs(arch, extract_backbone_state_dict(obj, args.which))
     torch.manual_seed(args.seed)
     backbone = build_backbone(arch, patch_size, **kw)
     if args.checkpoint is not None:

@@ -137,7 +137,8 @@ class MultiCropWrapper(nn.Module):
         if patch_positions is not None:
             if len(crops) < 2 or crops[0].shape != crops[1].shape:
                 raise ValueError("patch_positions need the two global crops first, same size")
-            if mask_patches and self.mask_token is None:
+            own = getattr(self.backbone, "mask_token", None)  # DINOv2/v3 carry their own
+            if mask_patches and self.mask_token is None and own is None:
                 raise ValueError("mask_patches needs a wrapper built with mask_token_dim")
             tokens = self.backbone.forward_tokens(
                 torch.cat(crops[:2]),

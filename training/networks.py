@@ -24,7 +24,9 @@ def build_network(cfg: TrainConfig, drop_path: bool) -> MultiCropWrapper:
         hidden_dim=cfg.head_hidden_dim,
         bottleneck_dim=cfg.head_bottleneck_dim,
     )
-    mask_dim = backbone.embed_dim if cfg.mim_weight else 0
+    # DINOv2/v3 backbones hold the official ``mask_token`` themselves.
+    own_token = getattr(backbone, "mask_token", None) is not None
+    mask_dim = backbone.embed_dim if cfg.mim_weight and not own_token else 0
     return MultiCropWrapper(backbone, head, mask_token_dim=mask_dim)
 
 

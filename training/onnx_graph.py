@@ -80,7 +80,8 @@ class FeatureGraph(nn.Module):
         # output: OpenVINO merges equal computations and would then report ``patch_tokens``
         # under an internal name.
         norm = self.backbone.norm
-        layers = torch.stack([norm(t)[:, 1:] for t in seen] + [patches], dim=1)
+        prefix = getattr(self.backbone, "n_prefix_tokens", 1)  # CLS and any register tokens
+        layers = torch.stack([norm(t)[:, prefix:] for t in seen] + [patches], dim=1)
         return embedding, patches, attention, layers
 
 

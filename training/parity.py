@@ -119,6 +119,17 @@ def _compare(x: np.ndarray, out: dict, ref: dict) -> ParityCheck:
     return check
 
 
+def far_parity_inputs(backbone: nn.Module, seed: int = 1) -> list[np.ndarray]:
+    """One more input for backbones that declare ``parity_far_size`` (h, w): a non-square size
+    far from the served one, e.g. 518 x 392 for DINOv2, where a position-embedding resize baked
+    to one size would show."""
+    size = getattr(backbone, "parity_far_size", None)
+    if size is None:
+        return []
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal((1, 3, *size), dtype=np.float32)]
+
+
 def check_parity(
     backbone: nn.Module, onnx_path: Path, inputs: Sequence[np.ndarray]
 ) -> tuple[ParityCheck, ...]:

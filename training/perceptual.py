@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from training.augment import IMAGENET_MEAN, IMAGENET_STD
-from training.backbones import build_backbone
+from training.backbones import build_backbone, family_kwargs, is_family_arch
 from training.checkpoints import (
     CheckpointError,
     extract_backbone_state_dict,
@@ -69,6 +69,10 @@ def backbone_from_checkpoint(
     official DINO files load without flags. ``arch``/``patch_size`` only cross-check."""
     obj = read_checkpoint(source) if isinstance(source, (str, Path)) else source
     sd = extract_backbone_state_dict(obj, which)
+    if arch is not None and is_family_arch(arch):  # DINOv2/v3 hub names fix the rest
+        backbone = build_backbone(arch, **family_kwargs(arch, sd))
+        load_backbone_weights(backbone, sd)
+        return backbone
     if "patch_embed.proj.weight" in sd and "pos_embed" in sd:
         dim, _, patch, _ = sd["patch_embed.proj.weight"].shape
         found = next((a for a, v in VIT_SIZES.items() if v["embed_dim"] == dim), None)
@@ -175,6 +179,8 @@ class FeaturePredictionLoss(nn.Module):
         for p in self.backbone.parameters():
             p.requires_grad_(False)
         self.family = backbone.family
+        if self.family not in ("vit", "resnet"):
+            raise ValueError(f"FeaturePredictionLoss takes a ViT or a ResNet, not a {self.family}")
         self.layers = self._resolve_layers(layers)
         if layer_weights is None:
             layer_weights = [1.0 / len(self.layers)] * len(self.layers)
@@ -238,7 +244,12 @@ class FeaturePredictionLoss(nn.Module):
         x = self._prepare(x)
         if self.family == "vit":
             depth = len(self.backbone.blocks)
-            seqs = self.backbone.get_intermediate_layers(x, n=depth - self.layers[0])
+            n = depth - self.layers[0]
+            if hasattr(self.backbone, "n_prefix_tokens"):  # DINOv2/v3: (patches, CLS) pairs
+                pairs = self.backbone.get_intermediate_layers(x, n=n, return_class_token=True)
+                seqs = [torch.cat((c[:, None], p), dim=1) for p, c in pairs]
+            else:
+                seqs = self.backbone.get_intermediate_layers(x, n=n)
             chosen = [seqs[i - self.layers[0]] for i in self.layers]
             cls = seqs[-1][:, 0] if self.cls_weight else None
             return [s[:, 1:] for s in chosen], cls
