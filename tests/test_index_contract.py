@@ -66,7 +66,8 @@ async def test_every_index_endpoint(tiny_vit_dir, tmp_path, backend):
         assert len(by_id) == 4 and "p1" not in [r["id"] for r in by_id]
         scores = [r["score"] for r in by_id]
         assert scores == sorted(scores, reverse=True)
-        by_image = await client.post("/similar", files={"image": ("q.jpg", blobs[2])}, data={"k": 2})
+        query = {"image": ("q.jpg", blobs[2])}
+        by_image = await client.post("/similar", files=query, data={"k": 2})
         top = by_image.json()["results"][0]
         assert top["id"] == "p2" and top["score"] > 0.999 and top["metadata"]["n"] == 2
 
@@ -136,7 +137,9 @@ def test_filtered_search_returns_k_from_a_rare_label(tmp_path, backend_name, req
         else {"index_type": "hnsw"}
     )
     x = clustered(3000)
-    metas = [{"label": "rare" if i % 150 == 7 else "common", "even": i % 2 == 0} for i in range(3000)]
+    metas = [
+        {"label": "rare" if i % 150 == 7 else "common", "even": i % 2 == 0} for i in range(3000)
+    ]
     with open_store(tmp_path, backend) as store:
         store.add(x, ids=[f"v{i}" for i in range(3000)], metadata=metas)
         units = x / np.linalg.norm(x, axis=1, keepdims=True)
@@ -158,11 +161,7 @@ def test_filtered_search_returns_k_from_a_rare_label(tmp_path, backend_name, req
 
 @pytest.mark.parametrize("backend_name", BACKENDS)
 def test_store_contract_and_another_model_refused(tmp_path, backend_name, request):
-    backend = (
-        {"index_url": request.getfixturevalue("pg_url")}
-        if backend_name == "postgres"
-        else {}
-    )
+    backend = {"index_url": request.getfixturevalue("pg_url")} if backend_name == "postgres" else {}
     x = clustered(40, seed=1)
     with open_store(tmp_path, backend) as store:
         assert store.add(x[:30], ids=[f"a{i}" for i in range(30)]) == [f"a{i}" for i in range(30)]
