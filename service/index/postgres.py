@@ -281,3 +281,29 @@ class PgStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def describe(url: str) -> dict:
+    """What an index database holds, without a model (``python -m service.index stats``)."""
+    from service.index.pg_schema import META
+
+    pool = Pool(url, 1)
+    try:
+        with pool.connection() as conn:
+            found = conn.execute("SELECT to_regclass(%s), to_regclass(%s)", (META, ITEMS))
+            if None in found.fetchone():
+                raise IndexStoreError(f"no index in {redact(url)} yet; build one first")
+            meta = dict(conn.execute(f"SELECT key, value FROM {META}").fetchall())
+            count = conn.execute(f"SELECT count(*) FROM {ITEMS}").fetchone()[0]
+    finally:
+        pool.close()
+    return {
+        "database": redact(url),
+        "count": count,
+        "dim": int(meta["dim"]),
+        "type": "pgvector-hnsw",
+        "model_sha256": meta.get("model_sha256"),
+        "model_name": meta.get("model_name") or None,
+        "created_at": meta.get("created_at"),
+        "params": {k: int(meta[k]) for k in ("m", "ef_construction") if k in meta},
+    }
