@@ -125,5 +125,6 @@ def test_ray_build_killed_half_way_resumes_exactly_once(tiny_vit_dir, tmp_path, 
 
     with psycopg.connect(pg_url) as conn:
         register_vector(conn)
-        (stored,) = conn.execute("SELECT embedding FROM dino_items WHERE id = 'img05.jpg'").fetchone()
+        sql = "SELECT embedding FROM dino_items WHERE id = 'img05.jpg'"
+        (stored,) = conn.execute(sql).fetchone()
     np.testing.assert_allclose(np.asarray(stored.to_numpy()), direct[0], atol=1e-5)
