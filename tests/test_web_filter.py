@@ -26,7 +26,5 @@ def test_filter_box_restricts_the_neighbours(server, browser, tmp_path):  # noqa
 
     page.fill("#filter", '{"label": ["rocket"]}')  # the server refuses it: the page says why
     page.dispatch_event("#filter", "change")
-    page.wait_for_function(
-        "document.body.textContent.includes('strings, numbers or booleans')"
-    )
+    page.wait_for_function("document.body.textContent.includes('strings, numbers or booleans')")
     assert not errors, errors
