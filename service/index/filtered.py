@@ -10,15 +10,42 @@ the whole index rarely holds one). So the matching rows come first (SQLite), the
 
 from __future__ import annotations
 
+import json
 import sqlite3
+import threading
+from collections import OrderedDict
 
 import faiss
 import numpy as np
 
 from service.index.ann import AnnIndex, auto_nprobe
+from service.index.filters import Filter, sqlite_rows
 
 EXACT_MAX = 4096  # an exact scan of this many vectors costs about one ANN query
 _CHUNK = 500
+
+
+class MatchCache:
+    """Matching rows per filter, kept while the index is unchanged: the SQLite scan (JSON parsed
+    per row, ~10 ms per 10k items) is paid once per filter and index version, not per query."""
+
+    def __init__(self, size: int = 32) -> None:
+        self.size = size
+        self._entries: OrderedDict[tuple, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def rows(self, conn: sqlite3.Connection, flt: Filter, version: tuple) -> np.ndarray:
+        key = (json.dumps(flt, sort_keys=True), version)
+        with self._lock:
+            if key in self._entries:
+                self._entries.move_to_end(key)
+                return self._entries[key]
+        found = sqlite_rows(conn, flt)
+        with self._lock:
+            self._entries[key] = found
+            while len(self._entries) > self.size:
+                self._entries.popitem(last=False)
+        return found
 
 
 def _vectors(conn: sqlite3.Connection, rows: np.ndarray, dim: int) -> np.ndarray:

@@ -48,7 +48,7 @@ from service.index import validate as v
 from service.index.ann import AnnIndex, AnnParams
 from service.index.db import DB_FILE, ItemDB, utc_now
 from service.index.errors import DuplicateIdError, IndexStoreError
-from service.index.filters import check_filter, sqlite_rows
+from service.index.filters import check_filter
 from service.index.lock import DirLock
 from service.index.meta import check_meta
 from service.index.snapshot import SNAPSHOT_FILE, SnapshotError, read_snapshot, write_snapshot
@@ -97,6 +97,7 @@ class IndexStore:
         self._snap_lock = threading.Lock()
         self._closed = False
         self._dir_lock: DirLock | None = None
+        self._matches = filtered.MatchCache()  # filter -> rows, per (last row, live count)
 
     # ---- opening and recovery -----------------------------------------------------------------
     @classmethod
@@ -302,7 +303,8 @@ class IndexStore:
             self._check_open()
             exclude = set(self._db.row_of(list(exclude_ids)).values()) if exclude_ids else set()
             if flt:
-                allowed = sqlite_rows(self._db.conn, flt)
+                version = (self._seq, self._ann.live)  # every add or delete changes one
+                allowed = self._matches.rows(self._db.conn, flt, version)
                 allowed = allowed[~np.isin(allowed, list(exclude))] if exclude else allowed
                 found = filtered.search_rows(self._ann, self._db.conn, queries, int(k), allowed)
             else:
