@@ -106,6 +106,8 @@ HOSTILE = [
     ('{"a": 1e999}', "strings, numbers or booleans"),
     ('{"a": ' + "9" * 3000 + "}", "64-bit"),
     (json.dumps({"a": "x" * 600}), "over 512"),
+    ('{"a": "\\ud800"}', "not valid text"),
+    ('{"a": "\\u0000"}', "not valid text"),
 ]
 
 

@@ -33,7 +33,7 @@ def parse_filter(text: str | None) -> Filter | None:
     """The filter from a query string or form field (None or blank: no filter)."""
     if text is None or not text.strip():
         return None
-    if len(text.encode()) > MAX_FILTER_BYTES:
+    if len(text.encode("utf-8", "surrogatepass")) > MAX_FILTER_BYTES:
         raise InvalidItemError(f"filter is longer than {MAX_FILTER_BYTES} bytes")
     try:
         value = json.loads(text)
@@ -72,6 +72,10 @@ def _check_value(key: str, val: Any) -> str | int | float | bool:
     if isinstance(val, bool | str):
         if isinstance(val, str) and len(val) > MAX_VALUE_CHARS:
             raise InvalidItemError(f"filter value of {key!r} is over {MAX_VALUE_CHARS} characters")
+        if isinstance(val, str) and not _utf8(val):
+            raise InvalidItemError(
+                f"filter value of {key!r} is not valid text (a NUL character or a lone surrogate)"
+            )
         return val
     if isinstance(val, int):
         if not -(2**63) <= val < 2**63:
@@ -84,6 +88,14 @@ def _check_value(key: str, val: Any) -> str | int | float | bool:
         f"filter value of {key!r} is a {kind}; values must be strings, numbers or booleans "
         "(equality on top-level metadata keys)"
     )
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:  # a lone surrogate, which JSON can spell as \\ud800
+        return False
+    return "\x00" not in text  # PostgreSQL text cannot hold NUL
 
 
 def matches(metadata: dict, flt: Filter | None) -> bool:
