@@ -315,12 +315,7 @@ class IndexStore:
             for res in found
         ]
 
-    def similar(
-        self,
-        item_id: str,
-        k: int = 10,
-        filter: dict | None = None,
-    ) -> list[Hit] | None:
+    def similar(self, item_id: str, k: int = 10, filter: dict | None = None) -> list[Hit] | None:
         """Nearest neighbours of a stored item, itself excluded; None when the id is unknown."""
         with self._lock:
             vec = self.vector(item_id)
