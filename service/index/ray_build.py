@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -200,8 +199,3 @@ def _write(store, shard, kept, vectors, thumbs, ids, rel, metadata) -> None:
         thumbnails=thumbs,
     )
 
-
-def iter_shard_ids(shards: list[Shard], ids: dict[str, str]) -> Iterator[list[str]]:
-    """The item ids of each shard (for tools that check what a build wrote)."""
-    for shard in shards:
-        yield [ids[p] for p in shard.paths]
