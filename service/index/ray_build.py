@@ -198,4 +198,3 @@ def _write(store, shard, kept, vectors, thumbs, ids, rel, metadata) -> None:
         sources=list(chosen),
         thumbnails=thumbs,
     )
-
