@@ -11,6 +11,7 @@ from fastapi import APIRouter, Depends, File, Form, HTTPException, Query, Respon
 from artifact.cosine import l2_normalise
 from service.images import thumbnail_jpeg
 from service.index import Hit
+from service.index.filters import parse_filter
 from service.index.validate import shown_source
 from service.preprocess import eval_pixels
 from service.routes_common import RuntimeDep, read_images, require_token
@@ -30,6 +31,7 @@ DEFAULT_K = 10
 MAX_OFFSET = 2**62
 K_HELP = "how many neighbours: default 10 (or DINO_MAX_K if lower), at most DINO_MAX_K"
 KQuery = Annotated[int | None, Query(ge=1, description=K_HELP)]
+FILTER_HELP = 'JSON object of metadata equalities, e.g. {"label": "sneaker"}: only matching items'
 
 
 def _check_k(rt: Runtime, k: int | None) -> int:
@@ -52,11 +54,15 @@ def _results(rt: Runtime, hits: list[Hit]) -> SimilarResponse:
     summary="Nearest neighbours of an indexed item (the item itself left out)",
 )
 async def similar_by_id(
-    rt: RuntimeDep, id: Annotated[str, Query(min_length=1)], k: KQuery = None
+    rt: RuntimeDep,
+    id: Annotated[str, Query(min_length=1)],
+    k: KQuery = None,
+    filter: Annotated[str | None, Query(description=FILTER_HELP)] = None,
 ) -> SimilarResponse:
     k = _check_k(rt, k)
+    flt = parse_filter(filter)
     store = rt.open_index()
-    hits = await anyio.to_thread.run_sync(store.similar, id, k)
+    hits = await anyio.to_thread.run_sync(store.similar, id, k, flt)
     if hits is None:
         raise HTTPException(404, f"no item with id {id!r} in the index")
     return _results(rt, hits)
@@ -72,12 +78,14 @@ async def similar_by_image(
     rt: RuntimeDep,
     image: Annotated[UploadFile, File(description="one image file")],
     k: Annotated[int | None, Form(ge=1, description=K_HELP)] = None,
+    filter: Annotated[str | None, Form(description=FILTER_HELP)] = None,
 ) -> SimilarResponse:
     k = _check_k(rt, k)
+    flt = parse_filter(filter)
     (manifest, batcher), store = rt.model_parts(), rt.open_index()
     (pixels,) = await read_images(rt, [image], lambda img: eval_pixels(img, manifest))
     vector = l2_normalise((await batcher.infer([pixels], ("embedding",)))["embedding"])[0]
-    hits = await anyio.to_thread.run_sync(store.search, vector, k)
+    hits = await anyio.to_thread.run_sync(lambda: store.search(vector, k, filter=flt))
     return _results(rt, hits[0])
 
 

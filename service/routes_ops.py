@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
+from service.index import IndexStoreError
 from service.metrics import CONTENT_TYPE
 from service.runtime import Runtime
 from service.schemas import Health, Readiness
@@ -35,7 +37,13 @@ async def readyz(request: Request) -> Readiness | JSONResponse:
         body = Readiness(ready=False, model=model, detail=detail)
         retry = {"Retry-After": str(rt.settings.retry_after_s)}
         return JSONResponse(body.model_dump(), status_code=503, headers=retry)
-    return Readiness(ready=True, model=rt.manifest.name, index_size=rt.index_size())
+    try:  # a shared index database may have gone away since start: say so, and retry later
+        size = await anyio.to_thread.run_sync(rt.index_size)
+    except IndexStoreError as exc:
+        body = Readiness(ready=False, model=rt.manifest.name, detail=str(exc))
+        retry = {"Retry-After": str(rt.settings.retry_after_s)}
+        return JSONResponse(body.model_dump(), status_code=503, headers=retry)
+    return Readiness(ready=True, model=rt.manifest.name, index_size=size)
 
 
 @router.get(

@@ -21,17 +21,19 @@ from service.engine_choice import Engine, model_file, open_engine, open_graph
 from service.images import PixelBudget
 from service.index import (
     IndexModelMismatch,
-    IndexStore,
     IndexStoreError,
+    factory,
     read_info,
     rebuild_command,
 )
+from service.index.backend import IndexBackend
 from service.index.lock import DataDirBusy
 from service.metrics import Metrics
-from service.settings import Settings, attention_max_side, find_model_dir
+from service.settings import Settings, SettingsError, attention_max_side, find_model_dir
 
 log = logging.getLogger("service")
-LOCK_RETRY_S = 0.5
+LOCK_RETRY_S = 0.5  # another process holds the data folder: try its lock again this often
+DB_RETRY_S = 5  # a shared index database unreachable at start: try again this often
 
 
 class NotReady(RuntimeError):
@@ -49,7 +51,7 @@ class Runtime:
     decoder_meta: DecoderMeta | None = None
     decoder_error: str = ""  # why there is no decoder: what /reconstruct answers (409)
     batcher: MicroBatcher | None = None
-    store: IndexStore | None = None
+    store: IndexBackend | None = None
     model_ready: bool = False  # /embed, /attention, /models can answer
     ready: bool = False  # and the index is open: everything can answer
     index_error: str | None = None
@@ -73,7 +75,7 @@ class Runtime:
             raise NotReady("not ready: the model is not loaded")
         return self.loaded_manifest(), self.batcher
 
-    def open_index(self) -> IndexStore:
+    def open_index(self) -> IndexBackend:
         """The index store, or NotReady."""
         if self.store is None:
             raise NotReady("not ready: the index is not open")
@@ -94,6 +96,10 @@ class Runtime:
         self._started = time.perf_counter()
         s = self.settings
         self.model_dir = find_model_dir(s)
+        try:
+            factory.check_url(s)
+        except ValueError as exc:
+            raise SettingsError(str(exc)) from None
         self.manifest = await anyio.to_thread.run_sync(load_manifest, self.model_dir)
         self.engine = await anyio.to_thread.run_sync(
             open_engine,
@@ -112,17 +118,17 @@ class Runtime:
         )
         self.batcher.start()
         self.metrics.gauge("dino_queue_depth", "images waiting for the model", self._depth)
-        self.metrics.gauge("dino_index_items", "items in the index", self.index_size)
+        self.metrics.gauge("dino_index_items", "items in the index", self._gauge_size)
         self.model_ready = True
         log.info(
-            "loaded model %s (%s, %s, sha256 %s) from %s; opening the %s index in %s",
+            "loaded model %s (%s, %s, sha256 %s) from %s; opening the %s index at %s",
             self.manifest.name,
             self.manifest.arch,
             s.model_variant,
             self.manifest.model_sha256,
             self.model_dir,
-            s.index_type,
-            s.data_dir,
+            "pgvector" if factory.shared(s) else s.index_type,
+            factory.location(s),
         )
         self._store_task = asyncio.get_running_loop().create_task(self._load_store())
 
@@ -160,6 +166,9 @@ class Runtime:
     def _check_index_model(self) -> None:
         """Refuse, before any replay, a data dir whose vectors come from another model."""
         manifest = self.loaded_manifest()
+        if factory.shared(self.settings):
+            self._first_connect()
+            return
         try:
             info = read_info(self.settings.data_dir)
         except IndexStoreError:
@@ -177,30 +186,44 @@ class Runtime:
             "or serve the model that built it."
         )
 
-    async def _load_store(self) -> None:
+    def _first_connect(self) -> None:
+        """A shared database: open it now, so another model's table stops the process; an
+        unreachable one is retried in the background while /embed serves."""
+        from service.index.pg_pool import IndexUnavailable
+
         try:
-            while True:
-                try:
-                    self.store = await anyio.to_thread.run_sync(self._open_store)
-                    break
-                except DataDirBusy as exc:  # becomes ready once the holder exits
-                    if self.index_waiting is None:
-                        log.warning("%s; retrying every %.1f s", exc, LOCK_RETRY_S)
-                    self.index_waiting = (
-                        f"waiting for the data folder lock (held by pid {exc.holder})"
-                    )
-                    await anyio.sleep(LOCK_RETRY_S)
-            self.index_waiting = None
-        except Exception as exc:  # readiness stays false and says why; /embed keeps working
-            self.index_error = f"cannot open the index in {self.settings.data_dir}: {exc}"
+            self.store = self._open_store()
+        except IndexUnavailable as exc:
+            self.index_error = f"{exc}; retrying every {DB_RETRY_S} s"
             log.error("%s", self.index_error)
-            return
+
+    async def _load_store(self) -> None:
+        while self.store is None:
+            try:
+                self.store = await anyio.to_thread.run_sync(self._open_store)
+            except DataDirBusy as exc:  # becomes ready once the holder exits
+                if self.index_waiting is None:
+                    log.warning("%s; retrying every %.1f s", exc, LOCK_RETRY_S)
+                self.index_waiting = f"waiting for the data folder lock (held by pid {exc.holder})"
+                await anyio.sleep(LOCK_RETRY_S)
+            except Exception as exc:  # readiness stays false and says why; /embed keeps working
+                where = factory.location(self.settings)
+                self.index_error = f"cannot open the index at {where}: {exc}"
+                if factory.shared(self.settings) and not isinstance(exc, IndexModelMismatch):
+                    self.index_error += f"; retrying every {DB_RETRY_S} s"
+                    log.error("%s", self.index_error)
+                    await anyio.sleep(DB_RETRY_S)
+                    continue
+                log.error("%s", self.index_error)
+                return
+        self.index_waiting = None
+        self.index_error = None
         self.ready = True
         log.info(
             "serving model %s (sha256 %s); index %s: %d items; ready in %.2f s",
             self.manifest.name if self.manifest else "?",
             self.manifest.model_sha256 if self.manifest else "?",
-            self.settings.data_dir,
+            factory.location(self.settings),
             self.index_size(),
             time.perf_counter() - self._started,
         )
@@ -213,16 +236,9 @@ class Runtime:
                     raise IndexStoreError(self.index_error)
                 await anyio.sleep(0.01)
 
-    def _open_store(self) -> IndexStore:
-        manifest = self.loaded_manifest()
-        return IndexStore.open(
-            self.settings.data_dir,
-            model_sha256=manifest.model_sha256,
-            dim=manifest.embed_dim,
-            index_type=self.settings.index_type,
-            model_name=manifest.name,
-            **self.settings.index_params,
-        )
+    def _open_store(self) -> IndexBackend:
+        m = self.loaded_manifest()
+        return factory.open_index(self.settings, m.model_sha256, m.embed_dim, m.name)
 
     async def stop(self) -> None:
         self.ready = self.model_ready = False
@@ -243,3 +259,8 @@ class Runtime:
         if self.store is None:
             raise IndexStoreError("the index is not open yet")
         return len(self.store)
+
+    def _gauge_size(self) -> int:
+        """For /metrics: never a database round trip on the event loop."""
+        cached = getattr(self.store, "cached_len", None)
+        return cached if cached is not None else self.index_size()

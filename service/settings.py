@@ -92,7 +92,13 @@ class Settings(BaseSettings):
     index_type: Literal["flat", "hnsw", "ivf"] = "flat"
     index_params: dict[str, int] = Field(
         default_factory=dict,
-        description='JSON, e.g. {"ef_search": 128} (hnsw) or {"nlist": 4096, "nprobe": 32} (ivf)',
+        description='JSON, e.g. {"ef_search": 128} (hnsw) or {"nlist": 4096, "nprobe": 32} (ivf); '
+        "with DINO_INDEX_URL: m, ef_construction, ef_search (pgvector HNSW)",
+    )
+    index_url: str | None = Field(
+        None,
+        description="postgresql://... : keep the index in PostgreSQL + pgvector, shared by any "
+        "number of servers; unset: the embedded index in data_dir",
     )
     thumbnail_side: int = Field(128, ge=16, le=512, description="stored JPEG thumbnail size")
     retry_after_s: int = Field(1, ge=1, description="Retry-After on every 503")

@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 import pytest
+from pg_fixture import pg_server, pg_url  # noqa: F401 (fixtures: a real PostgreSQL + pgvector)
 
 # The served default (DINO_ENGINE=auto) is OpenVINO bf16 where it is installed and the CPU has
 # bf16; the service tests compare against onnxruntime fp32 to 1e-5, so they pin the reference

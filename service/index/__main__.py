@@ -12,17 +12,18 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
-from artifact import ArtifactError, load_manifest
+from artifact import ArtifactError, Manifest, load_manifest
 from service.engine_choice import open_engine
 from service.index.build import build_folder, embed_files, load_metadata
 from service.index.errors import IndexStoreError
+from service.index.factory import location, open_index
 from service.index.lock import DataDirBusy, DirLock
 from service.index.meta import read_info
 from service.index.rebuild import rebuild
-from service.index.store import IndexStore
 from service.settings import Settings, SettingsError, find_model_dir
 
 log = logging.getLogger("service.index")
@@ -35,6 +36,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     def common(q: argparse.ArgumentParser, model: bool) -> None:
         q.add_argument(
             "--data-dir", type=Path, help="index folder (default: DINO_DATA_DIR, ./data)"
+        )
+        q.add_argument(
+            "--index-url",
+            help="postgresql://... index database instead of --data-dir (default: DINO_INDEX_URL)",
         )
         if model:
             q.add_argument("--models-dir", type=Path, help="default: DINO_MODELS_DIR, ./models")
@@ -51,6 +56,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     b.add_argument("--images", type=Path, required=True, help="folder of images")
     b.add_argument("--recursive", action="store_true", help="include sub-folders")
     b.add_argument("--metadata", type=Path, help="JSON or JSONL: relative path or id -> object")
+    b.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        metavar="ADDRESS",
+        help="embed on Ray workers (pip install '.[ray]'): a local cluster on 127.0.0.1, or the "
+        "cluster at ADDRESS (e.g. auto, ray://head:10001)",
+    )
+    b.add_argument("--workers", type=int, default=2, help="--ray: worker actors, one engine each")
+    b.add_argument(
+        "--shard-size", type=int, default=256, help="--ray: images per shard (one transaction)"
+    )
     common(b, model=True)
     common(sub.add_parser("stats", help="describe the index (no model needed)"), model=False)
     r = sub.add_parser("rebuild", help="re-embed stored sources with the current model")
@@ -65,8 +82,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     common(r, model=True)
     args = p.parse_args(argv)
-    if getattr(args, "batch_size", 1) < 1:
-        p.error("--batch-size must be >= 1")
+    for flag in ("batch_size", "workers", "shard_size"):
+        if getattr(args, flag, 1) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be >= 1")
     return args
 
 
@@ -76,6 +94,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         "models_dir": getattr(args, "models_dir", None),
         "model": getattr(args, "model", None),
         "index_type": getattr(args, "index_type", None),
+        "index_url": args.index_url,
     }
     return Settings(**{k: v for k, v in given.items() if v is not None})
 
@@ -109,6 +128,8 @@ def _recorded_type(settings: Settings) -> Settings:
 
 def run(args: argparse.Namespace) -> int:
     settings = _settings(args)
+    if settings.index_url:  # a shared database: its own transactions, no data-dir lock
+        return _on_database(args, settings)
     lock = _lock(settings.data_dir, args.command)
     try:
         return _locked(args, _recorded_type(settings), lock)
@@ -116,7 +137,21 @@ def run(args: argparse.Namespace) -> int:
         lock.release()  # a no-op when the store already released it
 
 
-def _locked(args: argparse.Namespace, settings: Settings, lock: DirLock) -> int:
+def _on_database(args: argparse.Namespace, settings: Settings) -> int:
+    if args.command == "stats":
+        from service.index.postgres import describe
+
+        print(json.dumps(describe(settings.index_url), indent=2))
+        return 0
+    if args.command == "rebuild":
+        raise ValueError(
+            "rebuild re-embeds an embedded index in --data-dir; for a database, build a new one "
+            "with `build --index-url NEW_URL` and point DINO_INDEX_URL at it"
+        )
+    return _locked(args, settings, None)
+
+
+def _locked(args: argparse.Namespace, settings: Settings, lock: DirLock | None) -> int:
     if args.command == "stats":
         print(json.dumps(read_info(settings.data_dir), indent=2))
         return 0
@@ -156,28 +191,49 @@ def _locked(args: argparse.Namespace, settings: Settings, lock: DirLock) -> int:
         )
         print(json.dumps(report, indent=2))
         return 0
+    return _build(args, settings, lock, model_dir, manifest, embed)
+
+
+def _build(
+    args: argparse.Namespace,
+    settings: Settings,
+    lock: DirLock | None,
+    model_dir: Path,
+    manifest: Manifest,
+    embed: Callable,
+) -> int:
+    progress = not args.no_progress
     metadata = load_metadata(args.metadata) if args.metadata else None
-    with IndexStore.open(
-        settings.data_dir,
-        manifest.model_sha256,
-        manifest.embed_dim,
-        settings.index_type,
-        model_name=manifest.name,
-        progress=progress,
-        lock=lock,
-        **settings.index_params,
-    ) as store:
-        report = build_folder(
-            store,
-            args.images,
-            embed,
-            recursive=args.recursive,
-            metadata=metadata,
-            batch_size=args.batch_size,
-            progress=progress,
-        )
+    sha, dim = manifest.model_sha256, manifest.embed_dim
+    with open_index(settings, sha, dim, manifest.name, progress=progress, lock=lock) as store:
+        if args.ray is not None:
+            from service.index.ray_build import build_on_ray
+
+            report = build_on_ray(
+                store,
+                args.images,
+                model_dir,
+                settings,
+                address=args.ray or None,
+                workers=args.workers,
+                shard_size=args.shard_size,
+                batch_size=args.batch_size,
+                recursive=args.recursive,
+                metadata=metadata,
+                progress=progress,
+            )
+        else:
+            report = build_folder(
+                store,
+                args.images,
+                embed,
+                recursive=args.recursive,
+                metadata=metadata,
+                batch_size=args.batch_size,
+                progress=progress,
+            )
         total = len(store)
-    print(f"{report.summary()}; the index at {settings.data_dir} holds {total} items")
+    print(f"{report.summary()}; the index at {location(settings)} holds {total} items")
     for path, why in report.failed[:20]:
         print(f"  failed: {path}: {why}")
     return 0

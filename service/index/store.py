@@ -8,9 +8,10 @@ API (all methods thread-safe; one lock guards both halves)::
                     source_roots=None)
     store.delete(id) -> bool            store.get(id) -> Item | None
     store.thumbnail(id) -> bytes|None   store.vector(id) -> np.ndarray | None (unit float32)
-    store.search(query [n,dim] or [dim], k, exclude_ids=None)
+    store.search(query [n,dim] or [dim], k, exclude_ids=None, filter=None)
         -> list[list[Hit(id, score, metadata)]]   (per query row, best first)
-    store.similar(id, k) -> list[Hit] | None   (the item itself left out; None for an unknown id)
+    store.similar(id, k, filter=None) -> list[Hit] | None   (itself left out; None: unknown id)
+    (filter: metadata equalities, ``service.index.filters``; k results whenever k items match)
     store.list_items(offset=0, limit=50) -> (list[Item] newest first, total)   Item.to_dict()
     store.existing(ids) -> set[str]     len(store)    store.stats() -> dict
     store.snapshot()                    store.close()  (snapshot + close; also a context manager)
@@ -46,10 +47,12 @@ from typing import NamedTuple
 import numpy as np
 from tqdm import tqdm
 
+from service.index import filtered
 from service.index import validate as v
 from service.index.ann import AnnIndex, AnnParams
 from service.index.db import DB_FILE, ItemDB, utc_now
 from service.index.errors import DuplicateIdError, IndexStoreError
+from service.index.filters import check_filter
 from service.index.lock import DirLock
 from service.index.meta import check_meta
 from service.index.snapshot import SNAPSHOT_FILE, SnapshotError, read_snapshot, write_snapshot
@@ -98,6 +101,7 @@ class IndexStore:
         self._snap_lock = threading.Lock()
         self._closed = False
         self._dir_lock: DirLock | None = None
+        self._matches = filtered.MatchCache()  # filter -> rows, per (last row, live count)
 
     # ---- opening and recovery -----------------------------------------------------------------
     @classmethod
@@ -295,27 +299,41 @@ class IndexStore:
             return self._ann.live
 
     def search(
-        self, query: np.ndarray, k: int = 10, exclude_ids: Iterable[str] | None = None
+        self,
+        query: np.ndarray,
+        k: int = 10,
+        exclude_ids: Iterable[str] | None = None,
+        filter: dict | None = None,
     ) -> list[list[Hit]]:
-        """Per query row, up to k hits best first (cosine score), excluded ids left out."""
+        """Per query row, up to k hits best first (cosine score), excluded ids left out, only
+        items whose metadata matches ``filter`` when one is given."""
         if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
             raise v.InvalidItemError(f"k must be a positive integer, got {k!r}")
         queries = v.as_unit_rows(query, self.dim, "query")
+        flt = check_filter(filter)
         with self._lock:
             self._check_open()
             exclude = set(self._db.row_of(list(exclude_ids)).values()) if exclude_ids else set()
-            found = self._ann.search(queries, int(k), exclude)
+            if flt:
+                version = (self._seq, self._ann.live)  # every add or delete changes one
+                allowed = self._matches.rows(self._db.conn, flt, version)
+                allowed = allowed[~np.isin(allowed, list(exclude))] if exclude else allowed
+                found = filtered.search_rows(self._ann, self._db.conn, queries, int(k), allowed)
+            else:
+                found = self._ann.search(queries, int(k), exclude)
             described = self._db.describe_rows(sorted({r for res in found for r, _ in res}))
         return [
             [Hit(described[r][0], s, json.loads(described[r][1])) for r, s in res if r in described]
             for res in found
         ]
 
-    def similar(self, item_id: str, k: int = 10) -> list[Hit] | None:
+    def similar(self, item_id: str, k: int = 10, filter: dict | None = None) -> list[Hit] | None:
         """Nearest neighbours of a stored item, itself excluded; None when the id is unknown."""
         with self._lock:
             vec = self.vector(item_id)
-            return None if vec is None else self.search(vec, k, exclude_ids=[item_id])[0]
+            if vec is None:
+                return None
+            return self.search(vec, k, exclude_ids=[item_id], filter=filter)[0]
 
     def stats(self) -> dict:
         with self._lock:

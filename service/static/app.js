@@ -124,9 +124,39 @@ function renderResults(results) {
 
 function k() { return Math.max(1, Math.min(50, Number($("#k").value) || 12)); }
 
+// The filter box takes `key=value, key2=value2` (numbers and true/false typed) or a JSON object;
+// the server checks it either way and says what is wrong.
+function filterJson() {
+  const text = $("#filter").value.trim();
+  if (!text || text.startsWith("{")) return text;
+  const out = {};
+  for (const part of text.split(",")) {
+    const [key, ...rest] = part.split("=");
+    if (!key.trim() || !rest.length) throw new Error("filter: write key=value, or a JSON object");
+    const raw = rest.join("=").trim();
+    const num = raw !== "" && !Number.isNaN(Number(raw));
+    out[key.trim()] = raw === "true" ? true : raw === "false" ? false : num ? Number(raw) : raw;
+  }
+  return JSON.stringify(out);
+}
+
+function searchNeighbours(blob, itemId) {
+  let filter;
+  try { filter = filterJson(); } catch (e) { showError(e.message); return Promise.resolve(); }
+  const query = itemId
+    ? api(`similar?id=${encodeURIComponent(itemId)}&k=${k()}` +
+          (filter ? `&filter=${encodeURIComponent(filter)}` : ""))
+    : (() => { const f = new FormData(); f.append("image", blob, "upload"); f.append("k", k());
+               if (filter) f.append("filter", filter);
+               return api("similar", { method: "POST", body: f }); })();
+  return query.then((r) => r.json()).then((d) => renderResults(d.results))
+    .catch((e) => showError(e.message));
+}
+
 async function analyse(blob, itemId) {
   showError("");
   state.blob = blob;
+  state.itemId = itemId;
   $("#actions").hidden = Boolean(itemId);
   $("#add-status").textContent = "";
   const url = URL.createObjectURL(blob);
@@ -150,13 +180,7 @@ async function analyse(blob, itemId) {
       $("#attention").hidden = true;
       if (e.status !== 409) showError(e.message); // 409: this model has no attention (ResNet)
     });
-  const similar = itemId
-    ? api(`similar?id=${encodeURIComponent(itemId)}&k=${k()}`)
-    : (() => { const f = new FormData(); f.append("image", blob, "upload"); f.append("k", k());
-               return api("similar", { method: "POST", body: f }); })();
-  const neighbours = similar.then((r) => r.json()).then((d) => renderResults(d.results))
-    .catch((e) => showError(e.message));
-  await Promise.all([attention, neighbours]);
+  await Promise.all([attention, searchNeighbours(blob, itemId)]);
 }
 
 async function pickItem(id) {
@@ -205,6 +229,10 @@ function init() {
   });
   $("#show-mask").addEventListener("change", renderAttention);
   $("#add").addEventListener("click", addToIndex);
+  $("#filter").addEventListener("change", () => {
+    showError("");
+    if (state.blob) searchNeighbours(state.blob, state.itemId);
+  });
   $("#gallery-more").addEventListener("click", loadGallery);
   $("#gallery-box").addEventListener("toggle", () => {
     if ($("#gallery-box").open && !state.galleryOffset) loadGallery();
