@@ -32,6 +32,7 @@ class IndexBackend(Protocol):
         metadata: Sequence[dict | None] | None = None,
         sources: Sequence[str | None] | None = None,
         thumbnails: Sequence[bytes | None] | None = None,
+        source_roots: Sequence[str | None] | None = None,
     ) -> list[str]: ...
 
     def delete(self, item_id: str) -> bool: ...

@@ -102,13 +102,21 @@ class PgStore:
         metadata: Sequence[dict | None] | None = None,
         sources: Sequence[str | None] | None = None,
         thumbnails: Sequence[bytes | None] | None = None,
+        source_roots: Sequence[str | None] | None = None,
     ) -> list[str]:
-        """Add items in one transaction; returns their ids once it has committed."""
+        """Add items in one transaction; returns their ids once it has committed. A database
+        index is never rebuilt from its sources, so only the path below a build's root (or an
+        upload's file name) is kept: no server path reaches the shared table."""
         vecs = v.as_unit_rows(vectors, self.dim)
         n = len(vecs)
         ids = v.check_ids(ids, n)
         metas = [v.metadata_json(m) for m in v.per_item(metadata, n, "metadata")]
-        srcs = [v.check_source(s) for s in v.per_item(sources, n, "sources")]
+        pairs = zip(
+            v.per_item(sources, n, "sources"),
+            v.per_item(source_roots, n, "source_roots"),
+            strict=True,
+        )
+        srcs = [v.shown_source(*v.check_source(s, r)) for s, r in pairs]
         thumbs = [v.check_thumbnail(t) for t in v.per_item(thumbnails, n, "thumbnails")]
         if n == 0:
             return []
