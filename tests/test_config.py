@@ -70,6 +70,17 @@ QUICKSTART = {
 
 # The other presets, as their differences from the quickstart.
 DIFFERENCES = {
+    "dinov2": {
+        "arch": "dinov2_vits14_reg",
+        "patch_size": 14,
+        "global_size": 56,
+        "local_size": 28,
+        "eval_resize": 64,
+        "eval_crop": 56,
+        "teacher_centering": "sinkhorn",
+        "koleo_weight": 0.1,
+        "mim_weight": 1.0,
+    },
     "quickstart_long": {
         "epochs": 20,
         "knn_every": 4,

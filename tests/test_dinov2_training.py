@@ -16,7 +16,7 @@ from training.checkpoints import CheckpointError, load_backbone_weights, read_ch
 from training.config import preset
 from training.data import ArrayDataset, DatasetError, load_fashion_mnist
 from training.run import export_teacher
-from training.run import main as run_main
+from training.run import run as run_training
 from training.trainer import Trainer
 
 TINY = dict(
@@ -139,7 +139,7 @@ def test_run_cli_trains_a_hub_name_with_the_quickstart_recipe(fashion, tmp_path)
         "--time-budget-min": "none",
         "--precision": "fp32",
     }
-    summary = run_main([str(x) for pair in flags.items() for x in pair])
+    summary = run_training([str(x) for pair in flags.items() for x in pair])
     manifest = json.loads((tmp_path / "models" / "cli" / "manifest.json").read_text())
     assert manifest["arch"] == "dinov2_vits14_reg" and manifest["patch_size"] == 14
     assert summary["knn"] is not None

@@ -104,8 +104,9 @@ def test_every_link_path_and_module_a_document_names_exists(doc):
     missing = [
         link for link in links if not (doc.parent / link.split("#", 1)[0]).resolve().exists()
     ]
-    missing += [path for path in paths if not (ROOT / path).exists()]
-    missing += [module for module in modules if not _module_exists(module)]
+    if doc.name != "CHANGELOG.md":  # history may name files and modules since moved or removed
+        missing += [path for path in paths if not (ROOT / path).exists()]
+        missing += [module for module in modules if not _module_exists(module)]
     missing = sorted(set(missing))
     assert not missing, f"{doc.relative_to(ROOT)} names what is not in the repository: {missing}"
 
