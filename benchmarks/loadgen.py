@@ -159,6 +159,17 @@ async def closed_loop(
     return samples, time.process_time() - cpu0
 
 
+def _check_load_args(url: str, clients: int, seconds: float, endpoint: str) -> None:
+    """Refuse a load run that is not on this machine or is out of the allowed bounds."""
+    check_loopback(url)
+    if not 1 <= clients <= MAX_CLIENTS:
+        raise ValueError(f"clients must be within 1..{MAX_CLIENTS}, got {clients}")
+    if not 0 < seconds <= MAX_SECONDS:
+        raise ValueError(f"seconds must be within (0, {MAX_SECONDS}], got {seconds}")
+    if endpoint not in ENDPOINTS:
+        raise ValueError(f"endpoint must be one of {ENDPOINTS}, got {endpoint!r}")
+
+
 async def run_load(
     url: str,
     clients: int,
@@ -169,13 +180,7 @@ async def run_load(
     timeout: float = 60.0,
 ) -> LoadReport:
     """Run ``clients`` closed-loop clients against ``url`` for ``seconds`` and report."""
-    check_loopback(url)
-    if not 1 <= clients <= MAX_CLIENTS:
-        raise ValueError(f"clients must be within 1..{MAX_CLIENTS}, got {clients}")
-    if not 0 < seconds <= MAX_SECONDS:
-        raise ValueError(f"seconds must be within (0, {MAX_SECONDS}], got {seconds}")
-    if endpoint not in ENDPOINTS:
-        raise ValueError(f"endpoint must be one of {ENDPOINTS}, got {endpoint!r}")
+    _check_load_args(url, clients, seconds, endpoint)
     report = LoadReport(url, endpoint, clients, seconds)
     blobs = [sample_jpeg(i) for i in range(8)]
     headers = {"Authorization": f"Bearer {token}"} if token else {}
