@@ -21,6 +21,7 @@ import io
 import ipaddress
 import json
 import logging
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -31,6 +32,7 @@ from urllib.parse import urlparse
 import numpy as np
 from PIL import Image
 
+from artifact.cli import run_cli
 from benchmarks.httpclient import Connection, HttpError, encode_request, multipart
 
 log = logging.getLogger(__name__)
@@ -260,4 +262,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main, prog="python -m benchmarks.loadgen"))
