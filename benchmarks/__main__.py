@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+from artifact.cli import RunFailed, UsageError, run_cli
 from benchmarks.common import MODES, machine
 from benchmarks.report import result_stem, write_markdown
 
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> dict:
     only = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = sorted(set(only) - set(SECTIONS))
     if unknown:
-        sys.exit(f"unknown section(s) {unknown}; choose from {', '.join(SECTIONS)}")
+        raise UsageError(f"unknown section(s) {unknown}; choose from {', '.join(SECTIONS)}")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
     started = time.time()
     result: dict = {
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
         _write(result, stem)  # after every section: a later failure keeps what was measured
     log.info("wrote %s.json and .md in %.0f s", stem, time.time() - started)
     if failed:
-        sys.exit(f"benchmark section(s) failed: {', '.join(failed)} (see the log above)")
+        raise RunFailed(f"benchmark section(s) failed: {', '.join(failed)} (see the log above)")
     return result
 
 
@@ -82,4 +83,4 @@ def _write(result: dict, stem: Path) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main, prog="python -m benchmarks"))

@@ -14,12 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
+from artifact.cli import run_cli
 from artifact.photos import load_photo
 from artifact.transform import eval_pixels
 from training.parity import PHOTO_NAMES
@@ -91,4 +93,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main, prog="python -m benchmarks.attention_quality"))

@@ -30,6 +30,7 @@ import torch
 from PIL import Image, ImageFilter
 from torch import Tensor
 
+from artifact.cli import run_cli
 from training.checkpoints import read_checkpoint
 from training.invert import InvertConfig, reconstruct, save_grid, train_decoder
 from training.invert_data import HELD_OUT_PHOTOS, held_out_batch, load_images, load_photo, to_tensor
@@ -217,4 +218,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main, prog="python -m benchmarks.borders_sharpness"))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,6 +23,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from artifact.cli import run_cli
 from training.backbones import build_backbone
 from training.export import export_backbone
 from training.onnx_graph import FeatureGraph
@@ -133,4 +135,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main, prog="python -m benchmarks.family_parity"))

@@ -170,6 +170,55 @@ def _torch_best(so_far: dict, label: str) -> float | None:
     return max((r["img_s"] for r in rows), default=None)
 
 
+def _embed_row(server, bodies, c: int, mode: Mode, raw_img_s: float, torch_best, pre_ms: float,
+               threads: int) -> dict:  # fmt: skip
+    """One /embed load run at concurrency ``c``, compared with the raw engine and torch."""
+    load = measure_load(
+        server.url, "/embed", bodies, c, mode.http_seconds, "images", server.cpu_seconds
+    )
+    r = asyncio.run(load)
+    r.update(endpoint="/embed", concurrency=c, img_s=r["req_s"])
+    r["x_raw_engine"] = r["img_s"] / raw_img_s
+    r["x_torch_fp32"] = r["img_s"] / torch_best if torch_best else None
+    # What the shared cores allow once decoding, the eval transform and the load
+    # generator take their share (HTTP parsing and JSON not counted: an upper bound).
+    extra_ms = pre_ms + r["client_cpu_ms"]
+    r["cpu_ceiling"] = cpu_ceiling(raw_img_s, threads, extra_ms)
+    log.info("/embed c=%d: %.1f img/s (%.2f of raw)", c, r["img_s"], r["x_raw_engine"])
+    return r
+
+
+def _server_result(label: str, env: dict, spec, folder: Path, bodies, threads: int, mode: Mode,
+                   torch_best, pre_ms: float) -> dict:  # fmt: skip
+    """Start a server on one engine and measure /embed at each concurrency, then /attention."""
+    raw = _raw_best(env, folder, threads, mode)
+    raw_img_s = raw["raw_best_img_s"]
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-http-") as tmp,
+        Server(folder.parent, folder.name, Path(tmp) / "data", threads, **env) as server,
+    ):
+        log.info("server %s ready in %.2f s", label, server.cold_start_s)
+        # Settings ignore unknown variables: prove the server runs the engine we label.
+        ov_loaded = "with OpenVINO" in server.log_path.read_text(errors="replace")
+        if ov_loaded != (env["engine"] == "openvino"):
+            raise RuntimeError(f"server engine is not {label}; see {server.log_path}")
+        rows = [
+            _embed_row(server, bodies, c, mode, raw_img_s, torch_best, pre_ms, threads)
+            for c in mode.concurrency
+        ]
+        half = mode.http_seconds / 2
+        att = asyncio.run(measure_load(server.url, "/attention", bodies[:1], 1, half, "image"))
+        rows.append({**att, "endpoint": "/attention", "concurrency": 1, "img_s": att["req_s"]})
+        return {
+            "engine": label,
+            "model": spec.label,
+            "cold_start_s": server.cold_start_s,
+            **raw,
+            "torch_fp32_best_img_s": torch_best,
+            "load": rows,
+        }
+
+
 def run(mode: Mode, threads: int, so_far: dict) -> dict:
     spec = spec_for("vit_small", mode.smoke)
     folder = model_dir(spec, mode.cache)
@@ -183,43 +232,7 @@ def run(mode: Mode, threads: int, so_far: dict) -> dict:
     if len(engines) < len(ENGINES):
         log.warning("this server has no DINO_ENGINE setting: only onnxruntime is measured")
     for label, env in engines:
-        raw = _raw_best(env, folder, threads, mode)
-        raw_img_s = raw["raw_best_img_s"]
-        with (
-            tempfile.TemporaryDirectory(prefix="bench-http-") as tmp,
-            Server(folder.parent, folder.name, Path(tmp) / "data", threads, **env) as server,
-        ):
-            log.info("server %s ready in %.2f s", label, server.cold_start_s)
-            # Settings ignore unknown variables: prove the server runs the engine we label.
-            ov_loaded = "with OpenVINO" in server.log_path.read_text(errors="replace")
-            if ov_loaded != (env["engine"] == "openvino"):
-                raise RuntimeError(f"server engine is not {label}; see {server.log_path}")
-            rows = []
-            for c in mode.concurrency:
-                load = measure_load(
-                    server.url, "/embed", bodies, c, mode.http_seconds, "images", server.cpu_seconds
-                )
-                r = asyncio.run(load)
-                r.update(endpoint="/embed", concurrency=c, img_s=r["req_s"])
-                r["x_raw_engine"] = r["img_s"] / raw_img_s
-                r["x_torch_fp32"] = r["img_s"] / torch_best if torch_best else None
-                # What the shared cores allow once decoding, the eval transform and the load
-                # generator take their share (HTTP parsing and JSON not counted: an upper bound).
-                extra_ms = pre_ms + r["client_cpu_ms"]
-                r["cpu_ceiling"] = cpu_ceiling(raw_img_s, threads, extra_ms)
-                log.info("/embed c=%d: %.1f img/s (%.2f of raw)", c, r["img_s"], r["x_raw_engine"])
-                rows.append(r)
-            half = mode.http_seconds / 2
-            att = asyncio.run(measure_load(server.url, "/attention", bodies[:1], 1, half, "image"))
-            rows.append({**att, "endpoint": "/attention", "concurrency": 1, "img_s": att["req_s"]})
-            out["servers"].append(
-                {
-                    "engine": label,
-                    "model": spec.label,
-                    "cold_start_s": server.cold_start_s,
-                    **raw,
-                    "torch_fp32_best_img_s": torch_best,
-                    "load": rows,
-                }
-            )
+        out["servers"].append(
+            _server_result(label, env, spec, folder, bodies, threads, mode, torch_best, pre_ms)
+        )
     return out

@@ -21,6 +21,7 @@ import io
 import ipaddress
 import json
 import logging
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -31,6 +32,7 @@ from urllib.parse import urlparse
 import numpy as np
 from PIL import Image
 
+from artifact.cli import run_cli
 from benchmarks.httpclient import Connection, HttpError, encode_request, multipart
 
 log = logging.getLogger(__name__)
@@ -159,6 +161,17 @@ async def closed_loop(
     return samples, time.process_time() - cpu0
 
 
+def _check_load_args(url: str, clients: int, seconds: float, endpoint: str) -> None:
+    """Refuse a load run that is not on this machine or is out of the allowed bounds."""
+    check_loopback(url)
+    if not 1 <= clients <= MAX_CLIENTS:
+        raise ValueError(f"clients must be within 1..{MAX_CLIENTS}, got {clients}")
+    if not 0 < seconds <= MAX_SECONDS:
+        raise ValueError(f"seconds must be within (0, {MAX_SECONDS}], got {seconds}")
+    if endpoint not in ENDPOINTS:
+        raise ValueError(f"endpoint must be one of {ENDPOINTS}, got {endpoint!r}")
+
+
 async def run_load(
     url: str,
     clients: int,
@@ -169,13 +182,7 @@ async def run_load(
     timeout: float = 60.0,
 ) -> LoadReport:
     """Run ``clients`` closed-loop clients against ``url`` for ``seconds`` and report."""
-    check_loopback(url)
-    if not 1 <= clients <= MAX_CLIENTS:
-        raise ValueError(f"clients must be within 1..{MAX_CLIENTS}, got {clients}")
-    if not 0 < seconds <= MAX_SECONDS:
-        raise ValueError(f"seconds must be within (0, {MAX_SECONDS}], got {seconds}")
-    if endpoint not in ENDPOINTS:
-        raise ValueError(f"endpoint must be one of {ENDPOINTS}, got {endpoint!r}")
+    _check_load_args(url, clients, seconds, endpoint)
     report = LoadReport(url, endpoint, clients, seconds)
     blobs = [sample_jpeg(i) for i in range(8)]
     headers = {"Authorization": f"Bearer {token}"} if token else {}
@@ -255,4 +262,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main, prog="python -m benchmarks.loadgen"))

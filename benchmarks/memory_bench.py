@@ -24,6 +24,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
+from artifact.cli import UsageError, run_cli
 from benchmarks.artifacts import model_dir, spec_for
 from benchmarks.common import MODES, Mode, machine
 from benchmarks.report import table
@@ -211,7 +212,7 @@ def main(argv: list[str] | None = None) -> dict:
     shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
     unknown = sorted(set(shapes) - set(SHAPES))
     if unknown:
-        sys.exit(f"unknown shape(s) {unknown}; choose from {', '.join(SHAPES)}")
+        raise UsageError(f"unknown shape(s) {unknown}; choose from {', '.join(SHAPES)}")
     result = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "command": " ".join(
@@ -233,4 +234,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main, prog="python -m benchmarks.memory_bench"))

@@ -30,6 +30,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from artifact.cli import run_cli
 from benchmarks.artifacts import model_dir, spec_for
 from benchmarks.common import percentiles
 from benchmarks.server import Server
@@ -204,4 +205,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main, prog="python -m benchmarks.replica_bench"))

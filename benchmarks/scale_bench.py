@@ -21,12 +21,14 @@ import argparse
 import contextlib
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
+from artifact.cli import run_cli
 from benchmarks.common import percentiles
 from benchmarks.vectors import Mixture, exact_top_k, recall_at_k
 
@@ -202,4 +204,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main, prog="python -m benchmarks.scale_bench"))

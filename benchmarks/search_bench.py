@@ -103,10 +103,35 @@ def _index_rows(n: int, base: np.ndarray, queries: np.ndarray, truth, threads: i
     return rows
 
 
-def _store_and_http(base, queries, truth, threads: int, mode: Mode) -> tuple[dict, dict]:
-    """The durable store (SQLite lookups included) and GET /similar on a live server, HNSW."""
+def _store_row(store, base, ids: list[str], queries, truth) -> dict:
+    """Add ``base`` to the durable store in chunks, then time and score its searches."""
+    n = len(base)
+    t0 = time.perf_counter()
+    for start in tqdm(range(0, n, 10_000), desc="store add", leave=False):
+        store.add(base[start : start + 10_000], ids[start : start + 10_000])
+    add_s = time.perf_counter() - t0
+    found, secs = _latency(lambda q: [int(h.id[1:]) for h in store.search(q, K)[0]], queries)
+    row = {"n": n, "index": "hnsw", "add_s": round(add_s, 1)}
+    return row | {"recall_at_10": recall_at_k(found, truth), **percentiles(secs)}
+
+
+def _similar_latencies(url: str, picked_ids: list[str]) -> list[float]:
+    """Seconds per GET /similar for each id, after one untimed warm-up request."""
     import httpx
 
+    secs = []
+    with httpx.Client(base_url=url, timeout=30) as client:
+        client.get("/similar", params={"id": picked_ids[0], "k": K})
+        for item_id in picked_ids:
+            t0 = time.perf_counter()
+            resp = client.get("/similar", params={"id": item_id, "k": K})
+            secs.append(time.perf_counter() - t0)
+            resp.raise_for_status()
+    return secs
+
+
+def _store_and_http(base, queries, truth, threads: int, mode: Mode) -> tuple[dict, dict]:
+    """The durable store (SQLite lookups included) and GET /similar on a live server, HNSW."""
     from artifact import load_manifest
     from benchmarks.artifacts import model_dir, spec_for
     from benchmarks.server import Server
@@ -121,24 +146,11 @@ def _store_and_http(base, queries, truth, threads: int, mode: Mode) -> tuple[dic
         store = IndexStore.open(
             data, manifest.model_sha256, DIM, "hnsw", model_name=manifest.name, progress=False
         )
-        t0 = time.perf_counter()
-        for start in tqdm(range(0, n, 10_000), desc="store add", leave=False):
-            store.add(base[start : start + 10_000], ids[start : start + 10_000])
-        add_s = time.perf_counter() - t0
-        found, secs = _latency(lambda q: [int(h.id[1:]) for h in store.search(q, K)[0]], queries)
-        store_row = {"n": n, "index": "hnsw", "add_s": round(add_s, 1)}
-        store_row |= {"recall_at_10": recall_at_k(found, truth), **percentiles(secs)}
+        store_row = _store_row(store, base, ids, queries, truth)
         store.close()
         picks = np.random.default_rng(1).choice(n, size=min(len(queries), 500), replace=False)
         with Server(folder.parent, folder.name, data, threads, index_type="hnsw") as server:
-            secs = []
-            with httpx.Client(base_url=server.url, timeout=30) as client:
-                client.get("/similar", params={"id": ids[0], "k": K})
-                for i in picks:
-                    t0 = time.perf_counter()
-                    resp = client.get("/similar", params={"id": ids[i], "k": K})
-                    secs.append(time.perf_counter() - t0)
-                    resp.raise_for_status()
+            secs = _similar_latencies(server.url, [ids[i] for i in picks])
             http_row = {"n": n, "index": "hnsw", "requests": len(picks)}
             http_row |= {"cold_start_s": round(server.cold_start_s, 2), **percentiles(secs)}
     return store_row, http_row

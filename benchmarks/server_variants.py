@@ -19,6 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from artifact.cli import run_cli
 from benchmarks.artifacts import model_dir, spec_for
 from benchmarks.common import MODES
 from benchmarks.http_bench import measure_load
@@ -72,4 +73,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main, prog="python -m benchmarks.server_variants"))

@@ -49,6 +49,23 @@ def _blur(size: int, sigma: tuple[float, float], p: float) -> T.RandomApply:
     return T.RandomApply([T.GaussianBlur(blur_kernel_size(size, sigma[1]), sigma=sigma)], p=p)
 
 
+def _check_crops(
+    global_size: int,
+    local_size: int,
+    global_scale: tuple[float, float],
+    local_scale: tuple[float, float],
+    n_local_crops: int,
+) -> None:
+    """Refuse crop settings that would fail later, deep inside a DataLoader worker."""
+    if global_size <= 0 or local_size <= 0:
+        raise ValueError(f"crop sizes must be positive, got {global_size} and {local_size}")
+    if n_local_crops < 0:
+        raise ValueError(f"n_local_crops must be >= 0, got {n_local_crops}")
+    for name, (lo, hi) in (("global_scale", global_scale), ("local_scale", local_scale)):
+        if not 0 < lo <= hi <= 1:
+            raise ValueError(f"{name} must satisfy 0 < min <= max <= 1, got {(lo, hi)}")
+
+
 class MultiCropAugmentation:
     """``img -> [global_1, global_2, local_1, ..., local_n]`` tensors, normalised.
 
@@ -72,13 +89,7 @@ class MultiCropAugmentation:
         std: Sequence[float] = IMAGENET_STD,
         grayscale: bool = False,
     ) -> None:
-        if global_size <= 0 or local_size <= 0:
-            raise ValueError(f"crop sizes must be positive, got {global_size} and {local_size}")
-        if n_local_crops < 0:
-            raise ValueError(f"n_local_crops must be >= 0, got {n_local_crops}")
-        for name, (lo, hi) in (("global_scale", global_scale), ("local_scale", local_scale)):
-            if not 0 < lo <= hi <= 1:
-                raise ValueError(f"{name} must satisfy 0 < min <= max <= 1, got {(lo, hi)}")
+        _check_crops(global_size, local_size, global_scale, local_scale, n_local_crops)
         mean, std = _three(mean, "mean"), _three(std, "std")
         self.global_size = global_size
         self.local_size = local_size

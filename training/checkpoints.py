@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from artifact.cli import run_cli
 from artifact.files import atomic_write
 
 log = logging.getLogger(__name__)
@@ -279,7 +280,7 @@ def convert(src: Path, dst: Path) -> None:
     read_checkpoint(dst)  # proves the result loads without trust
 
 
-def main(argv: list[str] | None = None) -> int:
+def _run(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m training.checkpoints",
         description="Convert a checkpoint that holds Python objects into plain data.",
@@ -299,13 +300,13 @@ def main(argv: list[str] | None = None) -> int:
             "convert unpickles SRC in full, which runs any code in it: pass --trust-source"
         )
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    try:
-        convert(args.src, args.dst)
-    except CheckpointError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    convert(args.src, args.dst)  # a CheckpointError is a ValueError: run_cli exits 2
     print(f"wrote {args.dst}: it loads without trust")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(_run, argv, prog="python -m training.checkpoints")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
-from artifact import ArtifactError, Manifest, load_manifest
+from artifact import Manifest, load_manifest
+from artifact.cli import UsageError, run_cli
 from service.engine_choice import open_engine
 from service.index.build import build_folder, embed_files, load_metadata
 from service.index.errors import IndexStoreError
@@ -24,7 +25,7 @@ from service.index.factory import location, open_index
 from service.index.lock import DataDirBusy, DirLock
 from service.index.meta import read_info
 from service.index.rebuild import rebuild
-from service.settings import Settings, SettingsError, find_model_dir
+from service.settings import Settings, find_model_dir
 
 log = logging.getLogger("service.index")
 
@@ -239,16 +240,21 @@ def _build(
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def _run_argv(argv: list[str] | None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     args = parse_args(argv)
     try:
         return run(args)
-    except (SettingsError, ArtifactError, IndexStoreError, ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except IndexStoreError as exc:
+        # The index refused (in use, another model's, sources it may not read): like bad input,
+        # the message says what to change, so exit 2 rather than run_cli's 1 for a RuntimeError.
+        raise UsageError(str(exc)) from exc
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(_run_argv, argv, prog="python -m service.index")
 
 
 if __name__ == "__main__":

@@ -122,16 +122,7 @@ def setup(
         )
         log.info("created the pgvector index in %s for model %s (dim %d)", where, sha[:12], dim)
         return dict(conn.execute(f"SELECT key, value FROM {META}").fetchall())
-    if meta["model_sha256"] != sha or int(meta["dim"]) != dim:
-        built_by = repr(meta["model_name"]) if meta.get("model_name") else "an unnamed model"
-        now = f"{name!r} " if name else ""
-        raise IndexModelMismatch(
-            f"the index in {where} was built by model {built_by} (sha256 "
-            f"{meta['model_sha256'][:12]}, dim {meta['dim']}), but the model in use is "
-            f"{now}(sha256 {sha[:12]}, dim {dim}); their vectors cannot be compared. Point "
-            "DINO_INDEX_URL at another database (and re-index the images there with "
-            "`python -m service.index build`), or serve the model that built it."
-        )
+    _refuse_other_model(where, meta, sha, dim, name)
     built = {k: int(meta[k]) for k in ("m", "ef_construction") if k in meta}
     wanted = {k: params[k] for k in built}
     if built != wanted:
@@ -144,3 +135,20 @@ def setup(
         _put(conn, {"model_name": name})  # same weights under a new name
         meta["model_name"] = name
     return meta
+
+
+def _refuse_other_model(
+    where: str, meta: dict[str, str], sha: str, dim: int, name: str | None
+) -> None:
+    """Raise if the database's vectors come from another model than the one in use."""
+    if meta["model_sha256"] == sha and int(meta["dim"]) == dim:
+        return
+    built_by = repr(meta["model_name"]) if meta.get("model_name") else "an unnamed model"
+    now = f"{name!r} " if name else ""
+    raise IndexModelMismatch(
+        f"the index in {where} was built by model {built_by} (sha256 "
+        f"{meta['model_sha256'][:12]}, dim {meta['dim']}), but the model in use is "
+        f"{now}(sha256 {sha[:12]}, dim {dim}); their vectors cannot be compared. Point "
+        "DINO_INDEX_URL at another database (and re-index the images there with "
+        "`python -m service.index build`), or serve the model that built it."
+    )

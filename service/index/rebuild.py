@@ -106,13 +106,7 @@ def _re_embed(
         items = list(db.iter_items())
     finally:
         db.close()
-    todo, missing = [], []
-    for iid, meta, source, root, thumb in items:
-        found = source_file(source, root, legacy_roots)
-        if found is None:
-            missing.append(iid)
-        else:
-            todo.append((iid, meta, thumb, *found))
+    todo, missing = _readable_items(items, legacy_roots)
     _refuse_or_drop(missing, skip_missing, "have no source file that rebuild may read")
 
     staging = data_dir.with_name(data_dir.name + ".rebuilding")
@@ -121,24 +115,7 @@ def _re_embed(
     with IndexStore.open(
         staging, model_sha256, dim, index_type, model_name=model_name, progress=False
     ) as store:
-        bar = tqdm(total=len(todo), unit="img", desc="re-embedding", disable=not progress)
-        with bar:
-            for start in range(0, len(todo), batch_size):
-                batch = todo[start : start + batch_size]
-                kept, vectors, _, failed = embed([t[3] for t in batch])
-                dropped += [batch[i][0] for i in sorted(set(range(len(batch))) - set(kept))]
-                if failed and not skip_missing:
-                    break
-                chosen = [batch[i] for i in kept]
-                store.add(
-                    vectors,
-                    ids=[c[0] for c in chosen],
-                    metadata=[json.loads(c[1]) for c in chosen],
-                    sources=[c[4] for c in chosen],
-                    source_roots=[c[5] for c in chosen],
-                    thumbnails=[c[2] for c in chosen],
-                )
-                bar.update(len(batch))
+        dropped += _embed_into(store, todo, embed, batch_size, skip_missing, progress)
     if len(dropped) > len(missing) and not skip_missing:
         shutil.rmtree(staging, ignore_errors=True)
         _refuse_or_drop(dropped[len(missing) :], False, "could not be decoded")
@@ -147,6 +124,47 @@ def _re_embed(
     log.info("re-embedded %d items; the previous index is kept in %s (delete it when satisfied)",
              done, old)  # fmt: skip
     return {"re_embedded": done, "dropped": dropped, "previous": str(old)}
+
+
+def _readable_items(items: list, legacy_roots) -> tuple[list, list[str]]:
+    """Split stored items into (those whose source file rebuild may read, ids of the rest)."""
+    todo, missing = [], []
+    for iid, meta, source, root, thumb in items:
+        found = source_file(source, root, legacy_roots)
+        if found is None:
+            missing.append(iid)
+        else:
+            todo.append((iid, meta, thumb, *found))
+    return todo, missing
+
+
+def _embed_into(
+    store, todo: list, embed, batch_size: int, skip_missing: bool, progress: bool
+) -> list:
+    """Embed ``todo`` batch by batch into ``store``; returns the ids that could not be decoded.
+
+    Without ``skip_missing`` it stops at the first batch with a failure: the caller refuses.
+    """
+    dropped = []
+    bar = tqdm(total=len(todo), unit="img", desc="re-embedding", disable=not progress)
+    with bar:
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start : start + batch_size]
+            kept, vectors, _, failed = embed([t[3] for t in batch])
+            dropped += [batch[i][0] for i in sorted(set(range(len(batch))) - set(kept))]
+            if failed and not skip_missing:
+                break
+            chosen = [batch[i] for i in kept]
+            store.add(
+                vectors,
+                ids=[c[0] for c in chosen],
+                metadata=[json.loads(c[1]) for c in chosen],
+                sources=[c[4] for c in chosen],
+                source_roots=[c[5] for c in chosen],
+                thumbnails=[c[2] for c in chosen],
+            )
+            bar.update(len(batch))
+    return dropped
 
 
 def _swap(data_dir: Path, staging: Path) -> Path:
