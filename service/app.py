@@ -20,7 +20,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service import routes_index, routes_model, routes_ops, routes_perceptual
+from service import (
+    routes_duplicates,
+    routes_index,
+    routes_model,
+    routes_ops,
+    routes_perceptual,
+)
 from service.batcher import Overloaded
 from service.images import ImageError
 from service.index import DuplicateIdError, IndexStoreError, InvalidItemError
@@ -205,7 +211,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodyLimit, limit=settings.max_request_bytes)
     app.add_middleware(AccessLog, metrics=runtime.metrics)  # outermost: sees every response
     _install_error_handlers(app, settings)
-    for module in (routes_model, routes_index, routes_ops, routes_perceptual):
+    for module in (routes_model, routes_index, routes_duplicates, routes_ops, routes_perceptual):
         app.include_router(module.router)
     if (STATIC_DIR / "index.html").is_file():
         app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")

@@ -6,9 +6,9 @@ import json
 from typing import Annotated, Any
 
 import anyio
+import numpy as np
 from fastapi import APIRouter, Depends, File, Form, HTTPException, Query, Response, UploadFile
 
-from service.engine import l2_normalise
 from service.images import thumbnail_jpeg
 from service.index import Hit
 from service.preprocess import eval_pixels
@@ -29,6 +29,10 @@ DEFAULT_K = 10
 MAX_OFFSET = 2**62
 K_HELP = "how many neighbours: default 10 (or DINO_MAX_K if lower), at most DINO_MAX_K"
 KQuery = Annotated[int | None, Query(ge=1, description=K_HELP)]
+MIN_SCORE_HELP = "drop results scoring below this cosine (-1..1); default: keep all"
+MinScoreQuery = Annotated[
+    float | None, Query(ge=-1.0, le=1.0, allow_inf_nan=False, description=MIN_SCORE_HELP)
+]
 
 
 def _check_k(rt: Runtime, k: int | None) -> int:
@@ -39,9 +43,10 @@ def _check_k(rt: Runtime, k: int | None) -> int:
     return k
 
 
-def _results(rt: Runtime, hits: list[Hit]) -> SimilarResponse:
+def _results(rt: Runtime, hits: list[Hit], min_score: float | None = None) -> SimilarResponse:
     assert rt.manifest is not None
-    results = [SimilarResult(id=i, score=float(s), metadata=m) for i, s, m in hits]
+    floor = -np.inf if min_score is None else min_score
+    results = [SimilarResult(id=i, score=float(s), metadata=m) for i, s, m in hits if s >= floor]
     return SimilarResponse(model=rt.manifest.name, results=results)
 
 
@@ -52,7 +57,10 @@ def _results(rt: Runtime, hits: list[Hit]) -> SimilarResponse:
     summary="Nearest neighbours of an indexed item (the item itself left out)",
 )
 async def similar_by_id(
-    rt: RuntimeDep, id: Annotated[str, Query(min_length=1)], k: KQuery = None
+    rt: RuntimeDep,
+    id: Annotated[str, Query(min_length=1)],
+    k: KQuery = None,
+    min_score: MinScoreQuery = None,
 ) -> SimilarResponse:
     k = _check_k(rt, k)
     store = rt.store
@@ -60,7 +68,7 @@ async def similar_by_id(
     hits = await anyio.to_thread.run_sync(store.similar, id, k)
     if hits is None:
         raise HTTPException(404, f"no item with id {id!r} in the index")
-    return _results(rt, hits)
+    return _results(rt, hits, min_score)
 
 
 @router.post(
@@ -73,14 +81,17 @@ async def similar_by_image(
     rt: RuntimeDep,
     image: Annotated[UploadFile, File(description="one image file")],
     k: Annotated[int | None, Form(ge=1, description=K_HELP)] = None,
+    min_score: Annotated[
+        float | None, Form(ge=-1.0, le=1.0, allow_inf_nan=False, description=MIN_SCORE_HELP)
+    ] = None,
 ) -> SimilarResponse:
     k = _check_k(rt, k)
     manifest, store, batcher = rt.manifest, rt.store, rt.batcher
     assert manifest is not None and store is not None and batcher is not None
     ((_, pixels),) = await read_images(rt, [image], lambda img: eval_pixels(img, manifest))
-    vector = l2_normalise((await batcher.infer([pixels], ("embedding",)))["embedding"])[0]
+    vector = rt.vectors((await batcher.infer([pixels], ("embedding",)))["embedding"])[0]
     hits = await anyio.to_thread.run_sync(store.search, vector, k)
-    return _results(rt, hits[0])
+    return _results(rt, hits[0], min_score)
 
 
 def _parse_metadata(text: str | None, n: int) -> list[dict[str, Any] | None]:
@@ -153,7 +164,7 @@ async def add_items(
         rt, images, lambda img: (eval_pixels(img, manifest), thumbnail_jpeg(img, side))
     )
     out = await batcher.infer([px for _, (px, _) in loaded], ("embedding",))
-    vectors = l2_normalise(out["embedding"])
+    vectors = rt.vectors(out["embedding"])
     sources = [upload.filename or None for upload in images]
     thumbs = [thumb for _, (_, thumb) in loaded]
     added = await anyio.to_thread.run_sync(

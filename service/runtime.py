@@ -13,8 +13,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import anyio
+import numpy as np
 
 from service.batcher import MicroBatcher
+from service.embedding_transform import (
+    EmbeddingTransform,
+    load_transform,
+    served_vectors,
+    transform_key,
+)
 from service.engine import Engine, model_file
 from service.engines import open_engine
 from service.index import (
@@ -40,6 +47,7 @@ class Runtime:
     engine: Engine | None = None
     batcher: MicroBatcher | None = None
     store: IndexStore | None = None
+    transform: EmbeddingTransform | None = None  # centring / whitening from the artifact
     model_ready: bool = False  # /embed, /attention, /models can answer
     ready: bool = False  # and the index is open: everything can answer
     index_error: str | None = None
@@ -50,6 +58,16 @@ class Runtime:
     def attention_max_side(self) -> int:
         assert self.manifest is not None
         return attention_max_side(self.settings, self.manifest.patch_size or 16)
+
+    @property
+    def embed_dim(self) -> int:
+        """The dimension of served (and indexed) vectors: the transform's output, if any."""
+        assert self.manifest is not None
+        return self.transform.info.output_dim if self.transform else self.manifest.embed_dim
+
+    def vectors(self, raw: np.ndarray) -> np.ndarray:
+        """Raw CLS embeddings -> the unit vectors the index stores and searches."""
+        return served_vectors(self.transform, raw)
 
     @property
     def served_file(self) -> str:
@@ -64,6 +82,9 @@ class Runtime:
         s = self.settings
         self.model_dir = find_model_dir(s)
         self.manifest = await anyio.to_thread.run_sync(load_manifest, self.model_dir)
+        self.transform = await anyio.to_thread.run_sync(
+            load_transform, self.model_dir, self.manifest
+        )
         self.engine = await anyio.to_thread.run_sync(
             open_engine,
             self.model_dir,
@@ -102,16 +123,29 @@ class Runtime:
         except IndexStoreError:
             return  # no index yet: it will be created for this model
         sha, dim = info.get("model_sha256"), info.get("dim")
-        if sha is None or (sha == self.manifest.model_sha256 and dim == self.manifest.embed_dim):
+        if sha is None or (sha == self.manifest.model_sha256 and dim == self.embed_dim):
+            self._check_index_transform(info.get("embedding_transform"))
             return
         built_by = info.get("model_name") or "an unnamed model"
         raise IndexModelMismatch(
             f"the index in {self.settings.data_dir} was built by model {built_by!r} (sha256 "
             f"{sha[:12]}, dim {dim}), but DINO_MODEL serves {self.manifest.name!r} (sha256 "
-            f"{self.manifest.model_sha256[:12]}, dim {self.manifest.embed_dim}); their vectors "
+            f"{self.manifest.model_sha256[:12]}, dim {self.embed_dim}); their vectors "
             f"cannot be compared. Re-embed the items with this model: "
             f"`{rebuild_command(self.settings.data_dir)}`, point DINO_DATA_DIR elsewhere, "
             "or serve the model that built it."
+        )
+
+    def _check_index_transform(self, recorded: str | None) -> None:
+        """Same weights, but vectors made with another (or no) centring cannot be mixed."""
+        mine = transform_key(self.transform)
+        if recorded is None or recorded == mine:
+            return
+        raise IndexModelMismatch(
+            f"the index in {self.settings.data_dir} holds vectors made with embedding transform "
+            f"{recorded!r}, but model {self.manifest.name!r} applies {mine!r}; scores would not "
+            f"be comparable. Re-embed the items: `{rebuild_command(self.settings.data_dir)}`, "
+            "or point DINO_DATA_DIR elsewhere."
         )
 
     async def _load_store(self) -> None:
@@ -144,9 +178,10 @@ class Runtime:
         return IndexStore.open(
             self.settings.data_dir,
             model_sha256=self.manifest.model_sha256,
-            dim=self.manifest.embed_dim,
+            dim=self.embed_dim,
             index_type=self.settings.index_type,
             model_name=self.manifest.name,
+            transform=transform_key(self.transform),
             **self.settings.index_params,
         )
 

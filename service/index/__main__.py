@@ -14,6 +14,7 @@ import sys
 from functools import partial
 from pathlib import Path
 
+from service.embedding_transform import load_transform, served_dim, transform_key
 from service.engines import open_engine
 from service.index.build import build_folder, embed_files, load_metadata
 from service.index.errors import IndexStoreError
@@ -87,6 +88,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     model_dir = find_model_dir(settings)
     manifest = load_manifest(model_dir)
+    transform = load_transform(model_dir, manifest)
+    key, dim = transform_key(transform), served_dim(manifest)
     # The server's own engine choice (DINO_ENGINE / DINO_PRECISION), so stored vectors and
     # queries come from the same computation.
     engine = open_engine(
@@ -103,15 +106,17 @@ def run(args: argparse.Namespace) -> int:
         engine=engine,
         max_pixels=settings.max_image_pixels,
         thumbnail_side=settings.thumbnail_side,
+        transform=transform,
     )
     progress = not args.no_progress
     if args.command == "rebuild":
         report = rebuild(
             settings.data_dir,
             manifest.model_sha256,
-            manifest.embed_dim,
+            dim,
             embed,
             model_name=manifest.name,
+            transform=key,
             index_type=settings.index_type,
             batch_size=args.batch_size,
             skip_missing=args.skip_missing,
@@ -123,9 +128,10 @@ def run(args: argparse.Namespace) -> int:
     with IndexStore.open(
         settings.data_dir,
         manifest.model_sha256,
-        manifest.embed_dim,
+        dim,
         settings.index_type,
         model_name=manifest.name,
+        transform=key,
         progress=progress,
         **settings.index_params,
     ) as store:

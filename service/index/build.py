@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from service.engine import Engine, l2_normalise
+from service.embedding_transform import EmbeddingTransform, served_dim, served_vectors
+from service.engine import Engine
 from service.images import ImageError, decode_image, thumbnail_jpeg
 from service.index.errors import InvalidItemError
 from service.index.store import IndexStore
@@ -106,9 +107,10 @@ def embed_files(
     engine: Engine,
     max_pixels: int,
     thumbnail_side: int,
+    transform: EmbeddingTransform | None = None,
 ) -> tuple[list[int], np.ndarray, list[bytes], list[tuple[str, str]]]:
-    """Decode, preprocess and embed; returns (indices of the paths that worked, unit vectors,
-    thumbnails, failures)."""
+    """Decode, preprocess and embed (then the artifact's transform, as the server does); returns
+    (indices of the paths that worked, unit vectors, thumbnails, failures)."""
     kept, pixels, thumbs, failed = [], [], [], []
     for i, path in enumerate(paths):
         try:
@@ -121,9 +123,9 @@ def embed_files(
         pixels.append(eval_pixels(img, manifest))
         thumbs.append(thumbnail_jpeg(img, thumbnail_side))
     if not kept:
-        return [], np.empty((0, manifest.embed_dim), np.float32), [], failed
+        return [], np.empty((0, served_dim(manifest)), np.float32), [], failed
     out = engine.run(np.stack(pixels), ("embedding",))["embedding"]
-    return kept, l2_normalise(out.astype(np.float32)), thumbs, failed
+    return kept, served_vectors(transform, out.astype(np.float32)), thumbs, failed
 
 
 def build_folder(

@@ -1,8 +1,9 @@
 """``python -m service.index rebuild``: make a data dir fit the current model.
 
-Same model: only the FAISS index is rebuilt from the vectors in SQLite (e.g. after changing the
-index type). Another model: every item is re-embedded from its stored source file into a fresh
-data dir beside the old one (ids, metadata and thumbnails kept); only when all of that succeeded
+Same model and embedding transform: only the FAISS index is rebuilt from the vectors in SQLite
+(e.g. after changing the index type). Another model (or transform): every item is re-embedded from
+its stored source file into a fresh data dir beside the old one (ids, metadata and thumbnails
+kept); only when all of that succeeded
 are the folders swapped, and the old one is kept as ``<dir>.old-<time>`` until you delete it.
 """
 
@@ -21,7 +22,7 @@ from tqdm import tqdm
 
 from service.index.db import DB_FILE, ItemDB
 from service.index.errors import IndexStoreError
-from service.index.meta import read_info
+from service.index.meta import NO_TRANSFORM, read_info
 from service.index.snapshot import SNAPSHOT_FILE, fsync_dir
 from service.index.store import IndexStore
 
@@ -37,6 +38,7 @@ def rebuild(
     embed: Embed,
     *,
     model_name: str | None = None,
+    transform: str = NO_TRANSFORM,
     index_type: str = "flat",
     batch_size: int = 32,
     skip_missing: bool = False,
@@ -44,10 +46,17 @@ def rebuild(
 ) -> dict:
     """Rebuild ``data_dir`` for the given model; returns a small report."""
     info = read_info(data_dir)
-    if info["model_sha256"] == model_sha256 and info["dim"] == dim:
+    same = (info["model_sha256"], info["dim"], info["embedding_transform"])
+    if same == (model_sha256, dim, transform):
         (data_dir / SNAPSHOT_FILE).unlink(missing_ok=True)
         with IndexStore.open(
-            data_dir, model_sha256, dim, index_type, model_name=model_name, progress=progress
+            data_dir,
+            model_sha256,
+            dim,
+            index_type,
+            model_name=model_name,
+            transform=transform,
+            progress=progress,
         ) as store:
             count = len(store)
         log.info("same model: rebuilt the %s FAISS index of %d items", index_type, count)
@@ -67,7 +76,13 @@ def rebuild(
     shutil.rmtree(staging, ignore_errors=True)  # a previous rebuild that died half-way
     dropped = list(missing)
     with IndexStore.open(
-        staging, model_sha256, dim, index_type, model_name=model_name, progress=False
+        staging,
+        model_sha256,
+        dim,
+        index_type,
+        model_name=model_name,
+        transform=transform,
+        progress=False,
     ) as store:
         bar = tqdm(total=len(todo), unit="img", desc="re-embedding", disable=not progress)
         with bar:

@@ -47,7 +47,7 @@ from service.index.ann import AnnIndex, AnnParams
 from service.index.db import DB_FILE, ItemDB, utc_now
 from service.index.errors import DuplicateIdError, IndexStoreError
 from service.index.lock import DirLock
-from service.index.meta import check_meta
+from service.index.meta import NO_TRANSFORM, check_meta
 from service.index.snapshot import SNAPSHOT_FILE, SnapshotError, read_snapshot, write_snapshot
 
 log = logging.getLogger(__name__)
@@ -84,6 +84,7 @@ class IndexStore:
         self.dim = ann.dim
         self.model_sha256 = meta["model_sha256"]
         self.model_name = meta.get("model_name") or None
+        self.transform = meta.get("embedding_transform", NO_TRANSFORM)
         self.snapshot_every = snapshot_every
         self.tombstone_rebuild = 0.1  # HNSW: rebuild the graph at snapshot past this dead share
         self._db, self._ann = db, ann
@@ -105,6 +106,7 @@ class IndexStore:
         index_type: str = "flat",
         *,
         model_name: str | None = None,
+        transform: str = NO_TRANSFORM,
         snapshot_every: int = 10_000,
         progress: bool = True,
         **params: object,
@@ -116,7 +118,7 @@ class IndexStore:
         db = None
         try:
             db = ItemDB(data_dir / DB_FILE)
-            meta = check_meta(db, data_dir, model_sha256, dim, index_type, model_name)
+            meta = check_meta(db, data_dir, model_sha256, dim, index_type, model_name, transform)
             store = cls._recover(data_dir, db, meta, dim, ann_params, snapshot_every, progress)
         except BaseException:
             if db is not None:
@@ -305,6 +307,32 @@ class IndexStore:
             vec = self.vector(item_id)
             return None if vec is None else self.search(vec, k, exclude_ids=[item_id])[0]
 
+    def all_vectors(self) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
+        """(rows [n], unit vectors [n, dim], version) of every stored item, for whole-index
+        analyses such as duplicate groups; ``version`` changes with every add and delete."""
+        with self._lock:
+            self._check_open()
+            parts = list(self._db.iter_vectors(self.dim))
+            version = self.version()
+        if not parts:
+            return np.empty(0, np.int64), np.empty((0, self.dim), np.float32), version
+        return (
+            np.concatenate([r for r, _ in parts]),
+            np.concatenate([v for _, v in parts]),
+            version,
+        )
+
+    def version(self) -> tuple[int, int]:
+        """(last row added, item count): changes with every add and delete."""
+        with self._lock:
+            return self._seq, self._ann.live
+
+    def describe(self, rows: Sequence[int]) -> dict[int, tuple[str, dict]]:
+        """row -> (id, metadata) for rows still stored."""
+        with self._lock:
+            found = self._db.describe_rows([int(r) for r in rows])
+        return {r: (i, json.loads(m)) for r, (i, m) in found.items()}
+
     def stats(self) -> dict:
         with self._lock:
             ann = self._ann
@@ -314,6 +342,7 @@ class IndexStore:
                 "type": ann.params.index_type,
                 "model_sha256": self.model_sha256,
                 "model_name": self.model_name,
+                "embedding_transform": self.transform,
                 "data_dir": str(self.data_dir),
                 "snapshot_age_s": None
                 if self._snapshot_at is None
