@@ -45,6 +45,8 @@ from service.manifest import (
     write_manifest,
 )
 from training.atomic import STAGING_DIR, publish_dir, remove_stale
+from training.centring import add_arguments as add_centring_arguments
+from training.centring import add_transform
 from training.onnx_graph import (
     EXPORTER,
     OPSET,
@@ -285,7 +287,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--which", choices=("teacher", "student"), default="teacher")
     parser.add_argument("--int8", action="store_true", help="also write a dynamic int8 variant")
     parser.add_argument("--seed", type=int, default=0, help="seed for --random-init")
+    add_centring_arguments(parser, "--centre-on")
     args = parser.parse_args(argv)
+    if args.whiten and not args.centre_on:
+        parser.error("--whiten needs --centre-on DIR|training")
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("training").setLevel(logging.INFO)
 
@@ -343,6 +348,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             knn=knn,
             int8=args.int8,
         )
+        if args.centre_on:  # fitted on the published artifact's own graph
+            add_transform(path, args.centre_on, args.whiten, args.centre_limit)
     except (CheckpointError, ParityError, ValueError) as exc:
         log.error("export failed, nothing written: %s", exc)
         return 1
