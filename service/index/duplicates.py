@@ -54,7 +54,8 @@ def _pairs(vectors: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarra
     found_i, found_j, found_s, total = [], [], [], 0
     for start in range(0, n, block):
         lims, scores, labels = index.range_search(vectors[start : start + block], threshold)
-        rows = np.repeat(np.arange(start, start + len(lims) - 1), np.diff(lims))
+        counts = np.diff(lims.astype(np.int64))
+        rows = np.repeat(np.arange(start, start + len(counts)), counts)
         keep = labels > rows  # each pair once, no self-pairs
         total += int(keep.sum())
         if total > MAX_PAIRS:
