@@ -194,6 +194,29 @@ def add_transform(
     return info
 
 
+def check_source(source: str) -> None:
+    """Fail before an export starts when the centring images cannot be found."""
+    if source != "training" and not Path(source).is_dir():
+        raise ValueError(f"--centre-on {source} is not a folder (or the word 'training')")
+
+
+def centre_exported(model_dir: Path, args: argparse.Namespace) -> bool:
+    """After ``training.export`` published the artifact: fit its transform; on failure the
+    artifact stays as exported (uncentred) and the log says how to add the transform later."""
+    try:
+        add_transform(model_dir, args.centre_on, args.whiten, args.centre_limit)
+    except (ValueError, OSError) as exc:
+        log.error(
+            "exported %s, but fitting its embedding transform failed (%s); add it later with "
+            "`python -m training.centring --model %s --images DIR|training`",
+            model_dir,
+            exc,
+            model_dir,
+        )
+        return False
+    return True
+
+
 def add_arguments(parser: argparse.ArgumentParser, flag: str = "--images") -> None:
     """The centring flags, shared with ``training.export``."""
     parser.add_argument(

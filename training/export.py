@@ -46,7 +46,8 @@ from service.manifest import (
 )
 from training.atomic import STAGING_DIR, publish_dir, remove_stale
 from training.centring import add_arguments as add_centring_arguments
-from training.centring import add_transform
+from training.centring import centre_exported
+from training.centring import check_source as check_centring_source
 from training.onnx_graph import (
     EXPORTER,
     OPSET,
@@ -295,6 +296,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("training").setLevel(logging.INFO)
 
     try:
+        if args.centre_on:
+            check_centring_source(args.centre_on)
         obj: Mapping = {}
         if args.checkpoint is not None:
             obj = read_checkpoint(args.checkpoint)
@@ -348,10 +351,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             knn=knn,
             int8=args.int8,
         )
-        if args.centre_on:  # fitted on the published artifact's own graph
-            add_transform(path, args.centre_on, args.whiten, args.centre_limit)
     except (CheckpointError, ParityError, ValueError) as exc:
         log.error("export failed, nothing written: %s", exc)
+        return 1
+    if args.centre_on and not centre_exported(path, args):  # fitted on the published graph
         return 1
     print(path)
     return 0

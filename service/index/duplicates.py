@@ -45,7 +45,7 @@ class Groups:
     items: int
 
 
-def _pairs(vectors: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def pairs_above(vectors: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(i, j, score) with i < j for every pair whose inner product exceeds ``threshold``."""
     n, dim = vectors.shape
     index = faiss.IndexFlatIP(dim)
@@ -102,7 +102,7 @@ def find_groups(rows: np.ndarray, vectors: np.ndarray, threshold: float) -> Grou
     _check_size(n)
     if n < 2:
         return Groups([], [], [], 0, n)
-    i, j, s = _pairs(np.ascontiguousarray(vectors, np.float32), threshold)
+    i, j, s = pairs_above(np.ascontiguousarray(vectors, np.float32), threshold)
     labels = components(n, i, j)
     best = np.full(n, -np.inf, np.float32)
     np.maximum.at(best, i, s)
