@@ -151,3 +151,18 @@ def test_centring_cli_and_export_flags(model_copy, photo_dir) -> None:
     assert main(["--model", str(model_copy), "--images", "training"]) == 1  # random: no config
     assert main(["--model", str(model_copy), "--images", str(photo_dir), "--whiten", "3"]) == 0
     assert load_manifest(model_copy).embedding_transform.output_dim == 3
+
+
+def test_export_flags_fit_the_transform(photo_dir, tmp_path) -> None:
+    from training.export import main as export_main
+
+    store = tmp_path / "exported"
+    base = ["--random-init", "--arch", "vit_tiny", "--patch-size", "8", "--depth", "1"]
+    base += ["--image-size", "32", "--models-dir", str(store)]
+    with pytest.raises(SystemExit):
+        export_main([*base, "--name", "w", "--whiten", "3"])  # --whiten needs --centre-on
+    assert export_main([*base, "--name", "gone", "--centre-on", str(tmp_path / "none")]) == 1
+    assert not (store / "gone").exists()  # refused before any work
+    assert export_main([*base, "--name", "c", "--centre-on", str(photo_dir), "--whiten", "3"]) == 0
+    info = load_manifest(store / "c").embedding_transform
+    assert (info.kind, info.output_dim, info.images) == ("whiten", 3, len(PHOTOS))
