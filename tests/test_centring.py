@@ -166,3 +166,15 @@ def test_export_flags_fit_the_transform(photo_dir, tmp_path) -> None:
     assert export_main([*base, "--name", "c", "--centre-on", str(photo_dir), "--whiten", "3"]) == 0
     info = load_manifest(store / "c").embedding_transform
     assert (info.kind, info.output_dim, info.images) == ("whiten", 3, len(PHOTOS))
+
+
+@pytest.mark.anyio
+async def test_server_refuses_an_index_made_without_the_transform(model_copy, photo_dir, tmp_path):
+    data = tmp_path / "data"
+    async with serve(settings_for(model_copy, data)) as client:
+        one = {"images": ("a.jpg", encode(photo("coffee", 64)), "image/jpeg")}
+        assert (await client.post("/items", files=one)).status_code == 201
+    add_transform(model_copy, str(photo_dir))
+    with pytest.raises(IndexModelMismatch, match="embedding transform 'none'.*rebuild"):
+        async with serve(settings_for(model_copy, data)):
+            pass
