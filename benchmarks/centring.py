@@ -11,7 +11,7 @@ artifact with Fashion-MNIST, through the server's preprocessing and the exported
 
     python -m benchmarks.centring --model models/quickstart
 
-Writes ``benchmarks/results/<date>-<cpu>-centring.{json,md,png}``.
+Writes ``benchmarks/results/<date>-<cpu>-centring[-<tag>].{json,md,png}``.
 """
 
 from __future__ import annotations
@@ -256,6 +256,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--cache", type=Path, help="npz keeping the k-NN embeddings between runs of one model"
     )
+    p.add_argument("--tag", help="appended to the results file names (e.g. the model's run)")
     p.add_argument("--seed", type=int, default=0, help="sampling and augmentation seed")
     p.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     return p.parse_args(argv)
@@ -268,7 +269,8 @@ def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
     result = run(args)
     cpu = re.sub(r"[^a-z0-9]+", "-", result["machine"]["cpu"].lower()).strip("-")[:40]
-    stem = args.out / f"{time.strftime('%Y-%m-%d')}-{cpu}-centring"
+    tag = f"-{args.tag}" if args.tag else ""
+    stem = args.out / f"{time.strftime('%Y-%m-%d')}-{cpu}-centring{tag}"
     args.out.mkdir(parents=True, exist_ok=True)
     plot(result.pop("_dists"), stem.with_suffix(".png"))
     write_results(result, stem)
