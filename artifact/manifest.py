@@ -81,6 +81,21 @@ class Provenance(Strict):
     exporter: str
 
 
+class EmbeddingTransformInfo(Strict):
+    """A fitted transform the server applies to the raw CLS embedding before L2 normalisation:
+    subtract the mean ("centre"), and also project onto PCA axes scaled to unit variance
+    ("whiten"). The arrays live in ``file`` (npz: ``mean`` [input_dim], and for "whiten"
+    ``projection`` [input_dim, output_dim])."""
+
+    kind: Literal["centre", "whiten"]
+    file: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    input_dim: int = Field(gt=0)
+    output_dim: int = Field(gt=0)
+    images: int = Field(gt=0, description="how many images the statistics were computed over")
+    fitted_on: str = Field(description="where the images came from (a folder name or a dataset)")
+
+
 class Manifest(Strict):
     format_version: int = FORMAT_VERSION
     name: str = Field(pattern=names.NAME_PATTERN)
@@ -115,6 +130,9 @@ class Manifest(Strict):
     provenance: Provenance
     knn: dict | None = Field(default=None, description="the training run's k-NN result")
     parity: tuple[ParityCheck, ...]
+    embedding_transform: EmbeddingTransformInfo | None = Field(
+        default=None, description="centring / whitening applied to embeddings before L2"
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> Manifest:

@@ -21,7 +21,13 @@ from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from artifact import ArtifactError
-from service import routes_index, routes_model, routes_ops, routes_perceptual
+from service import (
+    routes_duplicates,
+    routes_index,
+    routes_model,
+    routes_ops,
+    routes_perceptual,
+)
 from service.batcher import Overloaded
 from service.guards import RequestGuard, leaf_routes
 from service.images import ImageError
@@ -217,7 +223,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestGuard, settings=settings)
     app.add_middleware(AccessLog, metrics=runtime.metrics)
     _install_error_handlers(app, settings)
-    for module in (routes_model, routes_index, routes_ops, routes_perceptual):
+    for module in (routes_model, routes_index, routes_duplicates, routes_ops, routes_perceptual):
         app.include_router(module.router)
     if (STATIC_DIR / "index.html").is_file():
         app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")

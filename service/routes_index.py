@@ -6,9 +6,9 @@ import json
 from typing import Annotated, Any
 
 import anyio
+import numpy as np
 from fastapi import APIRouter, Depends, File, Form, HTTPException, Query, Response, UploadFile
 
-from artifact.cosine import l2_normalise
 from service.images import thumbnail_jpeg
 from service.index import Hit
 from service.index.filters import parse_filter
@@ -32,6 +32,10 @@ MAX_OFFSET = 2**62
 K_HELP = "how many neighbours: default 10 (or DINO_MAX_K if lower), at most DINO_MAX_K"
 KQuery = Annotated[int | None, Query(ge=1, description=K_HELP)]
 FILTER_HELP = 'JSON object of metadata equalities, e.g. {"label": "sneaker"}: only matching items'
+MIN_SCORE_HELP = "drop results scoring below this cosine (-1..1); default: keep all"
+MinScoreQuery = Annotated[
+    float | None, Query(ge=-1.0, le=1.0, allow_inf_nan=False, description=MIN_SCORE_HELP)
+]
 
 
 def _check_k(rt: Runtime, k: int | None) -> int:
@@ -42,8 +46,9 @@ def _check_k(rt: Runtime, k: int | None) -> int:
     return k
 
 
-def _results(rt: Runtime, hits: list[Hit]) -> SimilarResponse:
-    results = [SimilarResult(id=i, score=float(s), metadata=m) for i, s, m in hits]
+def _results(rt: Runtime, hits: list[Hit], min_score: float | None = None) -> SimilarResponse:
+    floor = -np.inf if min_score is None else min_score
+    results = [SimilarResult(id=i, score=float(s), metadata=m) for i, s, m in hits if s >= floor]
     return SimilarResponse(model=rt.loaded_manifest().name, results=results)
 
 
@@ -58,6 +63,7 @@ async def similar_by_id(
     id: Annotated[str, Query(min_length=1)],
     k: KQuery = None,
     filter: Annotated[str | None, Query(description=FILTER_HELP)] = None,
+    min_score: MinScoreQuery = None,
 ) -> SimilarResponse:
     k = _check_k(rt, k)
     flt = parse_filter(filter)
@@ -65,7 +71,7 @@ async def similar_by_id(
     hits = await anyio.to_thread.run_sync(store.similar, id, k, flt)
     if hits is None:
         raise HTTPException(404, f"no item with id {id!r} in the index")
-    return _results(rt, hits)
+    return _results(rt, hits, min_score)
 
 
 @router.post(
@@ -79,14 +85,17 @@ async def similar_by_image(
     image: Annotated[UploadFile, File(description="one image file")],
     k: Annotated[int | None, Form(ge=1, description=K_HELP)] = None,
     filter: Annotated[str | None, Form(description=FILTER_HELP)] = None,
+    min_score: Annotated[
+        float | None, Form(ge=-1.0, le=1.0, allow_inf_nan=False, description=MIN_SCORE_HELP)
+    ] = None,
 ) -> SimilarResponse:
     k = _check_k(rt, k)
     flt = parse_filter(filter)
     (manifest, batcher), store = rt.model_parts(), rt.open_index()
     (pixels,) = await read_images(rt, [image], lambda img: eval_pixels(img, manifest))
-    vector = l2_normalise((await batcher.infer([pixels], ("embedding",)))["embedding"])[0]
+    vector = rt.vectors((await batcher.infer([pixels], ("embedding",)))["embedding"])[0]
     hits = await anyio.to_thread.run_sync(lambda: store.search(vector, k, filter=flt))
-    return _results(rt, hits[0])
+    return _results(rt, hits[0], min_score)
 
 
 def _parse_metadata(text: str | None, n: int) -> list[dict[str, Any] | None]:
@@ -158,7 +167,7 @@ async def add_items(
         rt, images, lambda img: (eval_pixels(img, manifest), thumbnail_jpeg(img, side))
     )
     out = await batcher.infer([px for px, _ in loaded], ("embedding",))
-    vectors = l2_normalise(out["embedding"])
+    vectors = rt.vectors(out["embedding"])
     # Only the file's own name, as a label: a client never names a server path (rebuild never
     # opens sources without a root, and answers never show more than this name).
     sources = [shown_source(upload.filename or None, None) for upload in images]

@@ -11,6 +11,7 @@ from fastapi.responses import Response
 
 from artifact.cosine import l2_normalise
 from service.attention import patch_maps, threshold_masks
+from service.embedding_transform import describe, transform_key
 from service.preprocess import attention_pixels, eval_pixels
 from service.render import overlay_png
 from service.routes_common import ModelRuntimeDep, read_images
@@ -29,15 +30,26 @@ async def embed(
     rt: ModelRuntimeDep,
     images: Annotated[list[UploadFile], File(description="1..N image files")],
     normalize: Annotated[bool, Form(description="L2-normalise each embedding")] = True,
+    raw: Annotated[
+        bool,
+        Form(description="the raw CLS embedding, without the artifact's centring / whitening"),
+    ] = False,
 ) -> EmbedResponse:
     manifest, batcher = rt.model_parts()
     pixels = await read_images(rt, images, lambda img: eval_pixels(img, manifest))
     out = await batcher.infer(pixels, ("embedding",))
     rows = out["embedding"]
+    transform = None if raw else rt.transform
+    if transform is not None:
+        rows = transform.apply(rows)
     if normalize:
         rows = l2_normalise(rows)
     return EmbedResponse(
-        model=manifest.name, dim=int(rows.shape[1]), normalized=normalize, embeddings=rows.tolist()
+        model=manifest.name,
+        dim=int(rows.shape[1]),
+        normalized=normalize,
+        transform=transform_key(transform),
+        embeddings=rows.tolist(),
     )
 
 
@@ -112,6 +124,7 @@ async def models(rt: ModelRuntimeDep) -> ModelInfo:
         variant=rt.settings.model_variant,
         served_file=rt.served_file,
         sha256=manifest.model_sha256,
+        applied_transform=describe(rt.transform),
     )
 
 

@@ -13,10 +13,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import anyio
+import numpy as np
 
 from artifact import ArtifactError, Manifest, load_manifest
 from artifact.decoder import DecoderMeta, DecoderUnavailable, load_decoder_meta
 from service.batcher import MicroBatcher
+from service.embedding_transform import (
+    EmbeddingTransform,
+    load_transform,
+    served_vectors,
+    transform_key,
+)
 from service.engine_choice import Engine, model_file, open_engine, open_graph
 from service.images import PixelBudget
 from service.index import (
@@ -52,6 +59,7 @@ class Runtime:
     decoder_error: str = ""  # why there is no decoder: what /reconstruct answers (409)
     batcher: MicroBatcher | None = None
     store: IndexBackend | None = None
+    transform: EmbeddingTransform | None = None  # centring / whitening from the artifact
     model_ready: bool = False  # /embed, /attention, /models can answer
     ready: bool = False  # and the index is open: everything can answer
     index_error: str | None = None
@@ -86,6 +94,16 @@ class Runtime:
         return attention_max_side(self.settings, self.loaded_manifest().patch_size or 16)
 
     @property
+    def embed_dim(self) -> int:
+        """The dimension of served (and indexed) vectors: the transform's output, if any."""
+        embed_dim = self.loaded_manifest().embed_dim
+        return self.transform.info.output_dim if self.transform else embed_dim
+
+    def vectors(self, raw: np.ndarray) -> np.ndarray:
+        """Raw CLS embeddings -> the unit vectors the index stores and searches."""
+        return served_vectors(self.transform, raw)
+
+    @property
     def served_file(self) -> str:
         return model_file(self.loaded_manifest(), self.settings.model_variant)
 
@@ -101,6 +119,9 @@ class Runtime:
         except ValueError as exc:
             raise SettingsError(str(exc)) from None
         self.manifest = await anyio.to_thread.run_sync(load_manifest, self.model_dir)
+        self.transform = await anyio.to_thread.run_sync(
+            load_transform, self.model_dir, self.manifest
+        )
         self.engine = await anyio.to_thread.run_sync(
             open_engine,
             self.model_dir,
@@ -174,16 +195,29 @@ class Runtime:
         except IndexStoreError:
             return  # no index yet: it will be created for this model
         sha, dim = info.get("model_sha256"), info.get("dim")
-        if sha is None or (sha == manifest.model_sha256 and dim == manifest.embed_dim):
+        if sha is None or (sha == manifest.model_sha256 and dim == self.embed_dim):
+            self._check_index_transform(info.get("embedding_transform"))
             return
         built_by = info.get("model_name") or "an unnamed model"
         raise IndexModelMismatch(
             f"the index in {self.settings.data_dir} was built by model {built_by!r} (sha256 "
             f"{sha[:12]}, dim {dim}), but DINO_MODEL serves {manifest.name!r} (sha256 "
-            f"{manifest.model_sha256[:12]}, dim {manifest.embed_dim}); their vectors "
+            f"{manifest.model_sha256[:12]}, dim {self.embed_dim}); their vectors "
             f"cannot be compared. Re-embed the items with this model: "
             f"`{rebuild_command(self.settings.data_dir)}`, point DINO_DATA_DIR elsewhere, "
             "or serve the model that built it."
+        )
+
+    def _check_index_transform(self, recorded: str | None) -> None:
+        """Same weights, but vectors made with another (or no) centring cannot be mixed."""
+        mine = transform_key(self.transform)
+        if recorded is None or recorded == mine:
+            return
+        raise IndexModelMismatch(
+            f"the index in {self.settings.data_dir} holds vectors made with embedding transform "
+            f"{recorded!r}, but model {self.loaded_manifest().name!r} applies {mine!r}; scores "
+            "would not be comparable. Re-embed the items: "
+            f"`{rebuild_command(self.settings.data_dir)}`, or point DINO_DATA_DIR elsewhere."
         )
 
     def _first_connect(self) -> None:
@@ -238,7 +272,13 @@ class Runtime:
 
     def _open_store(self) -> IndexBackend:
         m = self.loaded_manifest()
-        return factory.open_index(self.settings, m.model_sha256, m.embed_dim, m.name)
+        return factory.open_index(
+            self.settings,
+            m.model_sha256,
+            self.embed_dim,
+            m.name,
+            transform=transform_key(self.transform),
+        )
 
     async def stop(self) -> None:
         self.ready = self.model_ready = False

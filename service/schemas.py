@@ -17,6 +17,10 @@ class EmbedResponse(BaseModel):
     model: str
     dim: int
     normalized: bool
+    transform: str = Field(
+        default="none",
+        description="the embedding transform applied before normalisation ('none' when raw)",
+    )
     embeddings: list[list[float]] = Field(description="one row per image, in input order")
 
 
@@ -71,6 +75,10 @@ class ModelInfo(Manifest):
     variant: str
     served_file: str
     sha256: str = Field(description="sha256 of the fp32 file: the identity the index uses")
+    applied_transform: dict = Field(
+        default_factory=dict,
+        description="what the server does to the raw CLS embedding before indexing / returning it",
+    )
 
 
 class Health(BaseModel):

@@ -127,3 +127,26 @@ def test_page_and_assets_are_served(tiny_vit_dir, tmp_path):
             assert httpx.get(f"{live.url}/{asset}").status_code == 200
     finally:
         live.stop()
+
+
+@pytest.mark.slow
+def test_duplicate_groups_are_shown(server, browser):
+    copy = [("images", ("coffee-copy.jpg", encode(photo("coffee", 160))))]
+    added = httpx.post(f"{server.url}/items", files=copy, data={"ids": ["coffee-copy"]})
+    assert added.status_code == 201, added.text
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto(server.url + "/")
+    page.locator("#dup-threshold").fill("0.9999")
+    page.click("#dup-find")
+    page.wait_for_function("document.querySelector('#dup-status').textContent.includes('groups')")
+    groups = [
+        {caption.split()[1] for caption in group.locator("figcaption").all_inner_texts()}
+        for group in page.locator(".dup-group").all()
+    ]
+    assert any({"coffee", "coffee-copy"} <= ids for ids in groups), groups
+    page.locator("#dup-threshold").fill("2")
+    page.click("#dup-find")
+    page.wait_for_function("document.querySelector('#dup-status').textContent.startsWith('422')")
+    assert not errors, errors

@@ -24,9 +24,9 @@ from artifact import DECODER_FILE, DECODER_INPUT, DECODER_META, DECODER_OUTPUT, 
 from artifact.decoder import DecoderMeta, DecoderParity
 from artifact.files import replace_atomic, sha256_file, write_text_atomic
 from training.decoder import PatchDecoder
-from training.export import git_commit
 from training.onnx_graph import OPSET, inference_copy, trace_to_onnx
 from training.parity import ParityError
+from training.provenance import git_commit
 
 log = logging.getLogger(__name__)
 

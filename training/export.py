@@ -18,7 +18,6 @@ import logging
 import os
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -46,6 +45,9 @@ from artifact.cli import DefaultsHelpFormatter, run_cli
 from artifact.files import STAGING_DIR, publish_dir, remove_stale
 from artifact.photos import load_photo
 from artifact.transform import eval_pixels
+from training.centring import add_arguments as add_centring_arguments
+from training.centring import centre_exported
+from training.centring import check_source as check_centring_source
 from training.eval_settings import (
     DEFAULT_PATCH_SIZE,
     IMAGENET_IMAGE_SIZE,
@@ -63,29 +65,13 @@ from training.onnx_graph import (
     token_layers,
 )
 from training.parity import check_parity, far_parity_inputs, parity_inputs
+from training.provenance import git_commit
 from training.quantize import MIN_INT8_COSINE, int8_variant
 
 # Named explicitly: run as ``python -m`` this module is ``__main__``.
 log = logging.getLogger("training.export")
 
 __all__ = ["export_backbone", "git_commit", "knn_eval_sizes", "main"]
-
-
-def git_commit() -> str | None:
-    """The commit of this source tree, or None outside a git checkout."""
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if out.returncode != 0:
-        return None
-    return out.stdout.strip() or None
 
 
 def export_backbone(
@@ -250,6 +236,16 @@ def _write_checked_onnx(
     return parity
 
 
+def _add_source_arguments(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--checkpoint", type=Path, help="ours, an official DINO .pth or a state dict"
+    )
+    source.add_argument(
+        "--random-init", action="store_true", help="export untrained weights (tests, baselines)"
+    )
+
+
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     from training.backbones import ARCHS
 
@@ -258,13 +254,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0],
         formatter_class=DefaultsHelpFormatter,
     )
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument(
-        "--checkpoint", type=Path, help="ours, an official DINO .pth or a state dict"
-    )
-    source.add_argument(
-        "--random-init", action="store_true", help="export untrained weights (tests, baselines)"
-    )
+    _add_source_arguments(parser)
     parser.add_argument(
         "--arch",
         choices=ARCHS,
@@ -306,7 +296,11 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         help="also write a dynamic int8 variant (kept only if it agrees with fp32 on photos)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed for --random-init")
-    return parser.parse_args(argv)
+    add_centring_arguments(parser, "--centre-on")
+    args = parser.parse_args(argv)
+    if args.whiten and not args.centre_on:
+        parser.error("--whiten needs --centre-on DIR|training")
+    return args
 
 
 def _backbone(args: argparse.Namespace, obj: Mapping, config: dict) -> tuple[nn.Module, str, int]:
@@ -344,6 +338,8 @@ def run(argv: Sequence[str] | None = None) -> Path:
     from training.checkpoints import read_checkpoint
 
     args = _parse(argv)
+    if args.centre_on:
+        check_centring_source(args.centre_on)
     obj: Mapping = read_checkpoint(args.checkpoint) if args.checkpoint is not None else {}
     config, knn = checkpoint_meta(obj)
     config = config or {}
@@ -371,6 +367,8 @@ def run(argv: Sequence[str] | None = None) -> Path:
         knn=knn,
         int8=args.int8,
     )
+    if args.centre_on and not centre_exported(path, args):  # fitted on the published graph
+        raise RuntimeError(f"exported {path}, but its embedding transform could not be fitted")
     print(path)
     return path
 

@@ -18,6 +18,12 @@ from pathlib import Path
 
 from artifact import Manifest, load_manifest
 from artifact.cli import UsageError, run_cli
+from service.embedding_transform import (
+    EmbeddingTransform,
+    load_transform,
+    served_dim,
+    transform_key,
+)
 from service.engine_choice import open_engine
 from service.index.build import build_folder, embed_files, load_metadata
 from service.index.errors import IndexStoreError
@@ -158,6 +164,8 @@ def _locked(args: argparse.Namespace, settings: Settings, lock: DirLock | None) 
         return 0
     model_dir = find_model_dir(settings)
     manifest = load_manifest(model_dir)
+    transform = load_transform(model_dir, manifest)
+    key, dim = transform_key(transform), served_dim(manifest)
     # The server's own engine choice (DINO_ENGINE / DINO_PRECISION), so stored vectors and
     # queries come from the same computation.
     engine = open_engine(
@@ -174,15 +182,17 @@ def _locked(args: argparse.Namespace, settings: Settings, lock: DirLock | None) 
         engine=engine,
         max_pixels=settings.max_image_pixels,
         thumbnail_side=settings.thumbnail_side,
+        transform=transform,
     )
     progress = not args.no_progress
     if args.command == "rebuild":
         report = rebuild(
             settings.data_dir,
             manifest.model_sha256,
-            manifest.embed_dim,
+            dim,
             embed,
             model_name=manifest.name,
+            transform=key,
             index_type=settings.index_type,
             batch_size=args.batch_size,
             skip_missing=args.skip_missing,
@@ -192,7 +202,7 @@ def _locked(args: argparse.Namespace, settings: Settings, lock: DirLock | None) 
         )
         print(json.dumps(report, indent=2))
         return 0
-    return _build(args, settings, lock, model_dir, manifest, embed)
+    return _build(args, settings, lock, model_dir, manifest, embed, transform)
 
 
 def _build(
@@ -202,11 +212,14 @@ def _build(
     model_dir: Path,
     manifest: Manifest,
     embed: Callable,
+    transform: EmbeddingTransform | None,
 ) -> int:
     progress = not args.no_progress
     metadata = load_metadata(args.metadata) if args.metadata else None
-    sha, dim = manifest.model_sha256, manifest.embed_dim
-    with open_index(settings, sha, dim, manifest.name, progress=progress, lock=lock) as store:
+    sha, dim, key = manifest.model_sha256, served_dim(manifest), transform_key(transform)
+    with open_index(
+        settings, sha, dim, manifest.name, progress=progress, lock=lock, transform=key
+    ) as store:
         if args.ray is not None:
             from service.index.ray_build import build_on_ray
 

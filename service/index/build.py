@@ -23,7 +23,7 @@ import numpy as np
 from tqdm import tqdm
 
 from artifact import Manifest
-from artifact.cosine import l2_normalise
+from service.embedding_transform import EmbeddingTransform, served_dim, served_vectors
 from service.engine_choice import Engine
 from service.images import ImageError, decode_image, thumbnail_jpeg
 from service.index.errors import InvalidItemError
@@ -110,9 +110,10 @@ def embed_files(
     engine: Engine,
     max_pixels: int,
     thumbnail_side: int,
+    transform: EmbeddingTransform | None = None,
 ) -> tuple[list[int], np.ndarray, list[bytes], list[tuple[str, str]]]:
-    """Decode, preprocess and embed; returns (indices of the paths that worked, unit vectors,
-    thumbnails, failures)."""
+    """Decode, preprocess and embed (then the artifact's transform, as the server does); returns
+    (indices of the paths that worked, unit vectors, thumbnails, failures)."""
     kept, pixels, thumbs, failed = [], [], [], []
     for i, path in enumerate(paths):
         try:
@@ -125,9 +126,9 @@ def embed_files(
         pixels.append(eval_pixels(img, manifest))
         thumbs.append(thumbnail_jpeg(img, thumbnail_side))
     if not kept:
-        return [], np.empty((0, manifest.embed_dim), np.float32), [], failed
+        return [], np.empty((0, served_dim(manifest)), np.float32), [], failed
     out = engine.run(np.stack(pixels), ("embedding",))["embedding"]
-    return kept, l2_normalise(out.astype(np.float32)), thumbs, failed
+    return kept, served_vectors(transform, out.astype(np.float32)), thumbs, failed
 
 
 def _inside(root: Path, files: list[Path], report: BuildReport) -> list[Path]:

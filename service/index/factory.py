@@ -50,6 +50,7 @@ def open_index(
     *,
     progress: bool = True,
     lock: DirLock | None = None,
+    transform: str = "none",
 ) -> IndexBackend:
     """The configured backend, created on first use for this model (``IndexModelMismatch`` if it
     holds another model's vectors; ``IndexUnavailable`` if its database cannot be reached)."""
@@ -63,6 +64,7 @@ def open_index(
                 model_sha256,
                 dim,
                 model_name=model_name,
+                transform=transform,
                 **settings.index_params,
             )
         except ValueError as exc:  # a parameter that does not apply to pgvector
@@ -75,5 +77,6 @@ def open_index(
         model_name=model_name,
         progress=progress,
         lock=lock,
+        transform=transform,
         **settings.index_params,
     )

@@ -16,10 +16,21 @@ def rebuild_command(data_dir: Path) -> str:
     return f"python -m service.index rebuild --data-dir {data_dir}"
 
 
+# An index made before embedding transforms existed holds plainly L2-normalised vectors.
+NO_TRANSFORM = "none"
+
+
 def check_meta(
-    db: ItemDB, data_dir: Path, sha: str, dim: int, index_type: str, name: str | None
+    db: ItemDB,
+    data_dir: Path,
+    sha: str,
+    dim: int,
+    index_type: str,
+    name: str | None,
+    transform: str = NO_TRANSFORM,
 ) -> dict[str, str]:
-    """Record the model on first use; afterwards refuse another model's or dimension's index."""
+    """Record the model (and its embedding transform) on first use; afterwards refuse another
+    model's, dimension's or transform's index."""
     meta = db.meta()
     if "model_sha256" not in meta:
         db.set_meta(
@@ -30,6 +41,7 @@ def check_meta(
             model_name=name or "",
             next_row=0,
             created_at=utc_now(),
+            embedding_transform=transform,
         )
         return db.meta()
     if meta["model_sha256"] != sha or int(meta["dim"]) != dim:
@@ -41,6 +53,14 @@ def check_meta(
             f"{now}(sha256 {sha[:12]}, dim {dim}); their vectors cannot be compared. Re-embed "
             f"the stored items with the current model: `{rebuild_command(data_dir)}` (with "
             f"--models-dir/--model as for the server), or move {data_dir} away to start empty."
+        )
+    recorded = meta.get("embedding_transform", NO_TRANSFORM)
+    if recorded != transform:
+        raise IndexModelMismatch(
+            f"the index in {data_dir} holds vectors made with embedding transform {recorded!r}, "
+            f"but the model in use applies {transform!r}; their scores cannot be compared. "
+            f"Re-embed the stored items: `{rebuild_command(data_dir)}` (with --models-dir/--model "
+            f"as for the server), or move {data_dir} away to start empty."
         )
     if meta.get("index_type") != index_type:
         log.info(
@@ -69,6 +89,9 @@ def read_info(data_dir: Path | str) -> dict:
         "type": meta.get("index_type"),
         "model_sha256": meta.get("model_sha256"),
         "model_name": meta.get("model_name") or None,
+        "embedding_transform": meta.get("embedding_transform", NO_TRANSFORM)
+        if "model_sha256" in meta
+        else None,
         "created_at": meta.get("created_at"),
         "rows_assigned": int(meta.get("next_row", 0)),
     }

@@ -89,9 +89,10 @@ def setup(
     dim: int,
     name: str | None,
     params: dict[str, int],
+    transform: str = "none",
 ) -> dict[str, str]:
-    """Create what is missing and record the model, or refuse another model's database.
-    Runs inside the caller's transaction."""
+    """Create what is missing and record the model (and its embedding transform), or refuse
+    another model's database. Runs inside the caller's transaction."""
     if dim > MAX_DIM:
         raise IndexStoreError(
             f"pgvector's HNSW index takes at most {MAX_DIM} dimensions, got {dim}"
@@ -115,6 +116,7 @@ def setup(
                 "model_sha256": sha,
                 "dim": dim,
                 "model_name": name or "",
+                "embedding_transform": transform,
                 "m": params["m"],
                 "ef_construction": params["ef_construction"],
                 "created_at": utc_now(),
@@ -123,6 +125,7 @@ def setup(
         log.info("created the pgvector index in %s for model %s (dim %d)", where, sha[:12], dim)
         return dict(conn.execute(f"SELECT key, value FROM {META}").fetchall())
     _refuse_other_model(where, meta, sha, dim, name)
+    _refuse_other_transform(where, meta.get("embedding_transform", "none"), transform)
     built = {k: int(meta[k]) for k in ("m", "ef_construction") if k in meta}
     wanted = {k: params[k] for k in built}
     if built != wanted:
@@ -135,6 +138,18 @@ def setup(
         _put(conn, {"model_name": name})  # same weights under a new name
         meta["model_name"] = name
     return meta
+
+
+def _refuse_other_transform(where: str, recorded: str, transform: str) -> None:
+    """Same weights, but vectors made with another (or no) centring cannot be mixed."""
+    if recorded == transform:
+        return
+    raise IndexModelMismatch(
+        f"the index in {where} holds vectors made with embedding transform {recorded!r}, but "
+        f"the model in use applies {transform!r}; scores would not be comparable. Point "
+        "DINO_INDEX_URL at another database and re-index the images there with "
+        "`python -m service.index build`."
+    )
 
 
 def _refuse_other_model(

@@ -61,6 +61,7 @@ class PgStore:
         *,
         model_name: str | None = None,
         pool_size: int = 8,
+        transform: str = "none",
         **params: object,
     ) -> PgStore:
         """Connect, create what is missing, check the model. ``ValueError`` for a bad URL or
@@ -70,7 +71,7 @@ class PgStore:
         pool = Pool(url, pool_size, (f"SET hnsw.ef_search = {int(chosen['ef_search'])}",))
         try:
             with pool.connection() as conn:
-                meta = setup(conn, redact(url), model_sha256, dim, model_name, chosen)
+                meta = setup(conn, redact(url), model_sha256, dim, model_name, chosen, transform)
         except BaseException:
             pool.close()
             raise

@@ -44,9 +44,12 @@ class ShardEmbedder:
 
     def __init__(self, model_dir: str, options: dict) -> None:
         from artifact import load_manifest
+        from service.embedding_transform import load_transform
         from service.engine_choice import open_engine
 
         self.manifest = load_manifest(Path(model_dir))
+        # The artifact's centring / whitening, as the server applies it to queries.
+        self.transform = load_transform(Path(model_dir), self.manifest)
         self.options = options
         self.engine = open_engine(
             Path(model_dir),
@@ -68,6 +71,7 @@ class ShardEmbedder:
                 self.engine,
                 self.options["max_image_pixels"],
                 self.options["thumbnail_side"],
+                self.transform,
             )
             kept += [start + i for i in k]
             vectors.append(v)

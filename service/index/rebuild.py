@@ -1,9 +1,10 @@
 """``python -m service.index rebuild``: make a data dir fit the current model.
 
-Same model: only the FAISS index is rebuilt from the vectors in SQLite (e.g. after changing the
-index type). Another model: every item is re-embedded from its source file into a fresh data dir
-beside the old one (ids, metadata and thumbnails kept); only when all of that succeeded are the
-folders swapped, and the old one is kept as ``<dir>.old-<time>`` until you delete it.
+Same model and embedding transform: only the FAISS index is rebuilt from the vectors in SQLite
+(e.g. after changing the index type). Another model (or transform): every item is re-embedded
+from its source file into a fresh data dir beside the old one (ids, metadata and thumbnails
+kept); only when all of that succeeded are the folders swapped, and the old one is kept as
+``<dir>.old-<time>`` until you delete it.
 
 The data dir's lock is held from the first read to the swap, so a running server refuses the
 rebuild rather than losing writes. Only sources that ``build`` recorded with their root are
@@ -29,7 +30,7 @@ from artifact.files import fsync_dir
 from service.index.db import DB_FILE, ItemDB
 from service.index.errors import IndexStoreError
 from service.index.lock import DirLock
-from service.index.meta import read_info
+from service.index.meta import NO_TRANSFORM, read_info
 from service.index.snapshot import SNAPSHOT_FILE
 from service.index.store import IndexStore
 
@@ -69,6 +70,7 @@ def rebuild(
     embed: Embed,
     *,
     model_name: str | None = None,
+    transform: str = NO_TRANSFORM,
     index_type: str = "flat",
     batch_size: int = 32,
     skip_missing: bool = False,
@@ -80,17 +82,18 @@ def rebuild(
     lock = lock or DirLock(data_dir)
     try:
         info = read_info(data_dir)
-        if info["model_sha256"] == model_sha256 and info["dim"] == dim:
+        same = (info["model_sha256"], info["dim"], info["embedding_transform"])
+        if same == (model_sha256, dim, transform):
             (data_dir / SNAPSHOT_FILE).unlink(missing_ok=True)
             with IndexStore.open(
                 data_dir, model_sha256, dim, index_type, model_name=model_name,
-                progress=progress, lock=lock,
+                transform=transform, progress=progress, lock=lock,
             ) as store:  # fmt: skip
                 count = len(store)
             log.info("same model: rebuilt the %s FAISS index of %d items", index_type, count)
             return {"re_embedded": 0, "rebuilt": count, "dropped": []}
         return _re_embed(
-            data_dir, model_sha256, dim, embed, model_name, index_type, batch_size,
+            data_dir, model_sha256, dim, embed, model_name, transform, index_type, batch_size,
             skip_missing, progress, legacy_roots,
         )  # fmt: skip
     finally:
@@ -98,8 +101,8 @@ def rebuild(
 
 
 def _re_embed(
-    data_dir, model_sha256, dim, embed, model_name, index_type, batch_size, skip_missing,
-    progress, legacy_roots,
+    data_dir, model_sha256, dim, embed, model_name, transform, index_type, batch_size,
+    skip_missing, progress, legacy_roots,
 ) -> dict:  # fmt: skip
     db = ItemDB(data_dir / DB_FILE)
     try:
@@ -113,7 +116,13 @@ def _re_embed(
     shutil.rmtree(staging, ignore_errors=True)  # a previous rebuild that died half-way
     dropped = list(missing)
     with IndexStore.open(
-        staging, model_sha256, dim, index_type, model_name=model_name, progress=False
+        staging,
+        model_sha256,
+        dim,
+        index_type,
+        model_name=model_name,
+        transform=transform,
+        progress=False,
     ) as store:
         dropped += _embed_into(store, todo, embed, batch_size, skip_missing, progress)
     if len(dropped) > len(missing) and not skip_missing:

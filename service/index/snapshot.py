@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import struct
 from pathlib import Path
 
 import numpy as np
 
 from artifact.files import atomic_write
+from service.index.ann import AnnIndex, AnnParams
+
+log = logging.getLogger(__name__)
 
 SNAPSHOT_FILE = "index.faiss"
 MAGIC = b"DINOIDX1"
@@ -64,3 +68,25 @@ def read_snapshot(path: Path) -> tuple[dict, np.ndarray]:
     if hashlib.sha256(payload).hexdigest() != header.get("payload_sha256"):
         raise SnapshotError(f"{path} fails its checksum")
     return header, np.frombuffer(payload, dtype=np.uint8)
+
+
+def usable_snapshot(
+    path: Path, meta: dict, dim: int, params: AnnParams
+) -> tuple[AnnIndex | None, int, float | None, int]:
+    """(index, sequence, written at, tombstones) from the snapshot at ``path`` when it belongs to
+    this model, build and database; ``(None, -1, None, 0)`` (and a warning) when it does not, so
+    the caller rebuilds from SQLite."""
+    try:
+        header, payload = read_snapshot(path)
+        want = {"model_sha256": meta["model_sha256"], "dim": dim, "build": params.build_key()}
+        got = {key: header.get(key) for key in want}
+        if got != want:
+            raise SnapshotError(f"it was built with {got}, now {want}")
+        seq = int(header["seq"])
+        if seq >= int(meta["next_row"]):
+            raise SnapshotError(f"its sequence {seq} is ahead of the database")
+        ann = AnnIndex.deserialize(dim, params, payload)
+        return ann, seq, float(header["written_at"]), int(header.get("tombstones", 0))
+    except (SnapshotError, ValueError, KeyError, RuntimeError) as exc:
+        log.warning("index snapshot %s not usable (%s); rebuilding from SQLite", path, exc)
+        return None, -1, None, 0

@@ -54,8 +54,9 @@ from service.index.db import DB_FILE, ItemDB, utc_now
 from service.index.errors import DuplicateIdError, IndexStoreError
 from service.index.filters import check_filter
 from service.index.lock import DirLock
-from service.index.meta import check_meta
-from service.index.snapshot import SNAPSHOT_FILE, SnapshotError, read_snapshot, write_snapshot
+from service.index.meta import NO_TRANSFORM, check_meta
+from service.index.snapshot import SNAPSHOT_FILE, usable_snapshot, write_snapshot
+from service.index.whole import WholeIndexReads
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,7 @@ def _item(found: tuple) -> Item:
     return Item(iid, json.loads(meta), v.shown_source(source, root), created, bool(has_thumb))
 
 
-class IndexStore:
+class IndexStore(WholeIndexReads):
     """Use :meth:`open`; the constructor takes already-recovered parts."""
 
     def __init__(self, data_dir: Path, db: ItemDB, ann: AnnIndex, meta: dict, snapshot_every: int):
@@ -91,6 +92,7 @@ class IndexStore:
         self.dim = ann.dim
         self.model_sha256 = meta["model_sha256"]
         self.model_name = meta.get("model_name") or None
+        self.transform = meta.get("embedding_transform", NO_TRANSFORM)
         self.snapshot_every = snapshot_every
         self.tombstone_rebuild = 0.1  # HNSW: rebuild the graph at snapshot past this dead share
         self._db, self._ann = db, ann
@@ -113,6 +115,7 @@ class IndexStore:
         index_type: str = "flat",
         *,
         model_name: str | None = None,
+        transform: str = NO_TRANSFORM,
         snapshot_every: int = 10_000,
         progress: bool = True,
         lock: DirLock | None = None,
@@ -127,7 +130,7 @@ class IndexStore:
         db = None
         try:
             db = ItemDB(data_dir / DB_FILE)
-            meta = check_meta(db, data_dir, model_sha256, dim, index_type, model_name)
+            meta = check_meta(db, data_dir, model_sha256, dim, index_type, model_name, transform)
             store = cls._recover(data_dir, db, meta, dim, ann_params, snapshot_every, progress)
         except BaseException:
             if db is not None:
@@ -145,25 +148,7 @@ class IndexStore:
         if not path.exists() and db.count():
             log.warning("no index snapshot in %s; rebuilding from SQLite", data_dir)
         elif path.exists():
-            try:
-                header, payload = read_snapshot(path)
-                want = {
-                    "model_sha256": meta["model_sha256"],
-                    "dim": dim,
-                    "build": params.build_key(),
-                }
-                got = {key: header.get(key) for key in want}
-                if got != want:
-                    raise SnapshotError(f"it was built with {got}, now {want}")
-                seq = int(header["seq"])
-                if seq >= int(meta["next_row"]):
-                    raise SnapshotError(f"its sequence {seq} is ahead of the database")
-                ann = AnnIndex.deserialize(dim, params, payload)
-                written_at = float(header["written_at"])
-                dead = int(header.get("tombstones", 0))
-            except (SnapshotError, ValueError, KeyError, RuntimeError) as exc:
-                log.warning("index snapshot %s not usable (%s); rebuilding from SQLite", path, exc)
-                ann = None
+            ann, seq, written_at, dead = usable_snapshot(path, meta, dim, params)
         store = cls(data_dir, db, ann or AnnIndex(dim, params), meta, snapshot_every)
         if ann is None:
             store._rebuild(progress)
@@ -344,6 +329,7 @@ class IndexStore:
                 "type": ann.params.index_type,
                 "model_sha256": self.model_sha256,
                 "model_name": self.model_name,
+                "embedding_transform": self.transform,
                 "data_dir": str(self.data_dir),
                 "snapshot_age_s": None
                 if self._snapshot_at is None

@@ -213,6 +213,43 @@ async function addToIndex() {
   } finally { $("#add").disabled = false; }
 }
 
+// Duplicate groups: GET /duplicates, a page of groups at a time.
+const DUP_PAGE = 10;
+const dup = { offset: 0, threshold: null };
+
+function renderGroup(group) {
+  const box = document.createElement("div");
+  box.className = "dup-group";
+  const title = document.createElement("h3");
+  title.textContent = `${group.size} items · best score ${group.max_score.toFixed(3)}`;
+  const grid = document.createElement("div");
+  grid.className = "grid";
+  group.items.forEach((m) => grid.append(itemFigure(m,
+    `<span class="score">${m.best_score.toFixed(3)}</span> ${escapeHtml(m.id)}`)));
+  box.append(title, grid);
+  return box;
+}
+
+async function loadDuplicates(fresh) {
+  if (fresh) {
+    dup.offset = 0;
+    dup.threshold = Number($("#dup-threshold").value);
+    $("#dup-groups").textContent = "";
+  }
+  $("#dup-status").textContent = "searching…";
+  try {
+    const query = `threshold=${dup.threshold}&offset=${dup.offset}&limit=${DUP_PAGE}`;
+    const data = await (await api(`duplicates?${query}`)).json();
+    data.groups.forEach((g) => $("#dup-groups").append(renderGroup(g)));
+    dup.offset += data.groups.length;
+    $("#dup-status").textContent = `${data.total_groups} groups among ${data.items_scanned} items`;
+    $("#dup-more").hidden = dup.offset >= data.total_groups;
+  } catch (e) {
+    $("#dup-status").textContent = e.message;
+    $("#dup-more").hidden = true;
+  }
+}
+
 function init() {
   const drop = $("#drop");
   $("#file").addEventListener("change", (e) => e.target.files[0] && analyse(e.target.files[0]));
@@ -234,13 +271,16 @@ function init() {
     if (state.blob) searchNeighbours(state.blob, state.itemId);
   });
   $("#gallery-more").addEventListener("click", loadGallery);
+  $("#dup-find").addEventListener("click", () => loadDuplicates(true));
+  $("#dup-more").addEventListener("click", () => loadDuplicates(false));
   $("#gallery-box").addEventListener("toggle", () => {
     if ($("#gallery-box").open && !state.galleryOffset) loadGallery();
   }, { once: false });
   api("models").then((r) => r.json()).then((m) => {
     $("#model-info").textContent = `model ${m.name} · ${m.arch}` +
       (m.patch_size ? `/${m.patch_size}` : "") + ` · ${m.embed_dim}-d embeddings` +
-      (m.n_register_tokens ? ` · ${m.n_register_tokens} ${m.lineage === "dinov3" ? "storage" : "register"} tokens (not in the maps)` : "");
+      (m.n_register_tokens ? ` · ${m.n_register_tokens} ${m.lineage === "dinov3" ? "storage" : "register"} tokens (not in the maps)` : "") +
+      (m.embedding_transform ? ` · ${m.embedding_transform.kind === "whiten" ? "whitened" : "centred"} to ${m.embedding_transform.output_dim}-d` : "");
   }).catch((e) => { $("#model-info").textContent = `model not ready: ${e.message}`; });
 }
 
