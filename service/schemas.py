@@ -71,6 +71,11 @@ class ModelInfo(Manifest):
     variant: str
     served_file: str
     sha256: str = Field(description="sha256 of the fp32 file: the identity the index uses")
+    engine_choice: dict[str, Any] | None = Field(
+        default=None,
+        description="the served engine, precision and variant, how they were chosen (measured, "
+        "cached or forced) and the images/s each candidate ran at",
+    )
 
 
 class Health(BaseModel):

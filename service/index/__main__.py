@@ -16,7 +16,7 @@ from functools import partial
 from pathlib import Path
 
 from artifact import ArtifactError, load_manifest
-from service.engine_choice import open_engine
+from service.engine_measure import choose_engine
 from service.index.build import build_folder, embed_files, load_metadata
 from service.index.errors import IndexStoreError
 from service.index.lock import DataDirBusy, DirLock
@@ -122,16 +122,9 @@ def _locked(args: argparse.Namespace, settings: Settings, lock: DirLock) -> int:
         return 0
     model_dir = find_model_dir(settings)
     manifest = load_manifest(model_dir)
-    # The server's own engine choice (DINO_ENGINE / DINO_PRECISION), so stored vectors and
+    # The server's own engine choice (measured and cached, or forced), so stored vectors and
     # queries come from the same computation.
-    engine = open_engine(
-        model_dir,
-        manifest,
-        settings.model_variant,
-        settings.threads,
-        settings.engine,
-        settings.precision,
-    )
+    _, engine = choose_engine(model_dir, manifest, settings)
     embed = partial(
         embed_files,
         manifest=manifest,
