@@ -110,11 +110,7 @@ def candidates(manifest: Manifest) -> tuple[list[Candidate], dict[str, str]]:
 
 
 def is_forced(settings: Settings) -> bool:
-    return (
-        "auto" != settings.engine
-        or "auto" != settings.precision
-        or (settings.model_variant != "auto")
-    )
+    return any(v != "auto" for v in (settings.engine, settings.precision, settings.model_variant))
 
 
 def forced(manifest: Manifest, settings: Settings) -> Candidate:

@@ -64,6 +64,10 @@ from training.onnx_graph import (
 )
 from training.parity import check_parity, parity_inputs
 from training.quantize import MIN_INT8_COSINE, int8_variant
+from training.quantize_openvino import BIN_FILE, XML_FILE
+
+# OpenVINO static int8 IR files (--int8-openvino).
+OPENVINO_INT8_FILES = (XML_FILE, BIN_FILE)
 
 # Named explicitly: run as ``python -m`` this module is ``__main__``.
 log = logging.getLogger("training.export")
@@ -103,6 +107,8 @@ def export_backbone(
     knn: dict | None = None,
     int8: bool = False,
     int8_min_cosine: float = MIN_INT8_COSINE,
+    int8_openvino: bool = False,
+    int8_labels: str | None = None,
 ) -> Path:
     """Export ``backbone`` to ``models_dir/name`` and return that folder.
 
@@ -111,6 +117,8 @@ def export_backbone(
     exporter are added here. Raises ``ParityError`` (nothing written) when onnxruntime and PyTorch
     disagree. With ``int8`` the int8 variant is kept only if its min embedding cosine vs fp32 on
     the bundled photos reaches ``int8_min_cosine``; otherwise it is skipped with a warning.
+    ``int8_openvino`` adds OpenVINO's static int8 (``training.quantize_openvino``), kept only
+    when it passes its gate; ``int8_labels`` names a labelled set for its k-NN gate.
     """
     patch = _check_request(backbone, name, train_image_size, eval_crop)
     # Validate the cheap parts first so a bad call fails before any work.
@@ -125,6 +133,11 @@ def export_backbone(
         what = f"{arch}/{patch}" if patch else arch
         parity = _write_checked_onnx(model, tmp / MODEL_FILE, what, train_image_size, photo)
         variants = int8_variant(tmp, transform, mean, std, int8_min_cosine) if int8 else {}
+        if int8_openvino:
+            from training.quantize_openvino import openvino_int8_variant
+
+            vit = backbone.family == "vit"
+            variants |= openvino_int8_variant(tmp, transform, mean, std, vit, int8_labels)
         t0 = time.perf_counter()
         files = _file_entries(tmp)
         manifest = Manifest(
@@ -171,7 +184,7 @@ def _network_fields(backbone: nn.Module, patch: int | None) -> dict[str, Any]:
 def _file_entries(folder: Path) -> dict[str, FileEntry]:
     return {
         f: FileEntry(sha256=sha256_file(folder / f), bytes=(folder / f).stat().st_size)
-        for f in (MODEL_FILE, INT8_FILE)
+        for f in (MODEL_FILE, INT8_FILE, *OPENVINO_INT8_FILES)
         if (folder / f).is_file()
     }
 
@@ -303,6 +316,19 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         action="store_true",
         help="also write a dynamic int8 variant (kept only if it agrees with fp32 on photos)",
     )
+    parser.add_argument(
+        "--int8-openvino",
+        action="store_true",
+        help="also write OpenVINO static int8 (NNCF, calibrated on ~300 offline photos; kept only "
+        "if embedding cosine vs fp32 >= 0.99 and, with --int8-labels, k-NN changes <= 0.5 points)",
+    )
+    parser.add_argument(
+        "--int8-labels",
+        choices=("digits", "fashion-mnist"),
+        default=None,
+        help="labelled set for the OpenVINO int8 k-NN gate (sklearn digits, or Fashion-MNIST's "
+        "test split); default: the cosine gate only",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed for --random-init")
     return parser.parse_args(argv)
 
@@ -366,6 +392,8 @@ def run(argv: Sequence[str] | None = None) -> Path:
         provenance=provenance,
         knn=knn,
         int8=args.int8,
+        int8_openvino=args.int8_openvino,
+        int8_labels=args.int8_labels,
     )
     print(path)
     return path
