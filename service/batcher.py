@@ -8,8 +8,8 @@ gets that many batches in flight at once, each in its own thread; otherwise one 
 When the engine is idle and nothing else waits, a batch goes at once (waiting for company only
 adds latency: while the engine is busy the next batch fills by itself), and on such an engine it
 runs on all threads (``run_solo``) with the other slots held, so a lone client is not served by
-one stream's share of the cores. The queue is bounded in images: a request that would overflow it is refused at once with
-``Overloaded`` (503 + Retry-After) instead of growing memory.
+one stream's share of the cores. The queue is bounded in images: a request that would overflow
+it is refused at once with ``Overloaded`` (503 + Retry-After) instead of growing memory.
 """
 
 from __future__ import annotations

@@ -121,17 +121,18 @@ class OpenVinoEngine:
         # With streams, a lone batch would run on one stream's threads only; a second compiled
         # model with every thread on one request serves it (``run_solo``, when nothing else runs).
         self._solo: queue.SimpleQueue = queue.SimpleQueue()
-        self.has_solo = False
-        if self.parallel_calls > 1:
-            solo = {k: v for k, v in config.items() if k != "NUM_STREAMS"}
-            solo["PERFORMANCE_HINT"] = "LATENCY"
-            try:
-                self.compiled_solo = core.compile_model(model, "CPU", solo)
-            except Exception as exc:  # noqa: BLE001 - only a lone client's speed is at stake
-                log.warning("OpenVINO: no all-threads model for lone batches: %s", exc)
-            else:
-                self._solo.put(self.compiled_solo.create_infer_request())
-                self.has_solo = True
+        self.has_solo = self.parallel_calls > 1 and self._compile_solo(core, model, config)
+
+    def _compile_solo(self, core, model, config: dict) -> bool:
+        solo = {k: v for k, v in config.items() if k != "NUM_STREAMS"}
+        solo["PERFORMANCE_HINT"] = "LATENCY"
+        try:
+            self.compiled_solo = core.compile_model(model, "CPU", solo)
+        except Exception as exc:  # noqa: BLE001 - only a lone client's speed is at stake
+            log.warning("OpenVINO: no all-threads model for lone batches: %s", exc)
+            return False
+        self._solo.put(self.compiled_solo.create_infer_request())
+        return True
 
     def run(self, pixels: np.ndarray, outputs: tuple[str, ...]) -> dict[str, np.ndarray]:
         unknown = set(outputs) - set(self.output_names)

@@ -55,8 +55,8 @@ def test_lone_requests_skip_the_wait_and_use_every_thread(tiny_vit_dir):
             for _ in range(5):  # one client, one image at a time
                 await batcher.infer([px], ("embedding",))
             lone = (time.perf_counter() - t0) / 5
-            # Eight at once: they form batches across both streams as before.
-            await asyncio.gather(*(batcher.infer([px], ("embedding",)) for _ in range(8)))
+            # Twelve at once: more than a batch, so batches go to the streams as before.
+            await asyncio.gather(*(batcher.infer([px], ("embedding",)) for _ in range(12)))
             return lone, engine.plain
         finally:
             await batcher.stop()
