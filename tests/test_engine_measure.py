@@ -133,3 +133,13 @@ def test_a_file_quantised_for_onnxruntime_cannot_be_forced_onto_openvino(tiny_vi
     settings = settings_for(tiny_vit_dir, tmp_path / "data", **forced)
     with pytest.raises(ValueError, match="runs on onnxruntime"):
         choose_engine(tiny_vit_dir, load_manifest(tiny_vit_dir), settings)
+
+
+def test_cpu_family_follows_the_flags():
+    from artifact.cpu import cpu_family, cpu_flags
+
+    family, flags = cpu_family(), set(cpu_flags())
+    assert family in ("AMX", "AVX-512 BF16/VNNI", "AVX-512 VNNI", "AVX-512", "AVX2 only", "other")
+    assert (family == "AMX") == bool({"amx_bf16", "amx_int8"} & flags)
+    assert (family == "AVX2 only") == ("avx2" in flags and "avx512f" not in flags and not
+                                       {"amx_bf16", "amx_int8"} & flags)  # fmt: skip
