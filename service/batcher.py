@@ -79,7 +79,8 @@ class MicroBatcher:
         # An engine that splits its threads into streams may run a lone batch on all of them.
         self._solo = getattr(engine, "run_solo", None) if self.parallel > 1 else None
         self._running: set[asyncio.Task] = set()
-        self._last_size = 1  # images in the last batch dispatched
+        # Images in the last batch dispatched; until a lone one is seen, batches wait as usual.
+        self._last_size = max_batch
         self._task: asyncio.Task | None = None
 
     @property

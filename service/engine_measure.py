@@ -88,9 +88,13 @@ def _openvino_bf16() -> tuple[bool, bool]:
     return available, available and cpu_supports_bf16()
 
 
-def candidates(manifest: Manifest) -> tuple[list[Candidate], dict[str, str]]:
-    """The runnable candidates, and the variants refused with why (gate failed or missing)."""
-    has_ov, has_bf16 = _openvino_bf16()
+def candidates(
+    manifest: Manifest, probe_openvino: bool = True
+) -> tuple[list[Candidate], dict[str, str]]:
+    """The runnable candidates, and the variants refused with why (gate failed or missing).
+    ``probe_openvino=False`` leaves OpenVINO out without importing it (a second or more of
+    start-up when onnxruntime is forced)."""
+    has_ov, has_bf16 = _openvino_bf16() if probe_openvino else (False, False)
     found = [Candidate("onnxruntime", "fp32", "fp32")]
     if has_ov:
         found.append(Candidate("openvino", "fp32", "fp32"))
@@ -113,11 +117,17 @@ def is_forced(settings: Settings) -> bool:
     return any(v != "auto" for v in (settings.engine, settings.precision, settings.model_variant))
 
 
+def _needs_openvino(s: Settings) -> bool:
+    """Whether forcing these settings can involve OpenVINO (else it is not even imported)."""
+    plain = s.engine == "onnxruntime" and s.model_variant in ("auto", "fp32")
+    return not (plain and s.precision != "int8")
+
+
 def forced(manifest: Manifest, settings: Settings) -> Candidate:
     """The candidate the settings name; ``SettingsError`` / ``ArtifactError`` saying why when it
     cannot be served (no such variant, failed gate, wrong engine for the file)."""
     engine, precision, variant = settings.engine, settings.precision, settings.model_variant
-    found, refused = candidates(manifest)
+    found, refused = candidates(manifest, _needs_openvino(settings))
     if variant == "auto":
         variant = "fp32"
         if precision == "int8":
@@ -245,7 +255,7 @@ def choose_engine(model_dir: Path, manifest: Manifest, s: Settings) -> tuple[Cho
     """The engine to serve, opened, and the record of why (see the module docstring)."""
     if is_forced(s):
         c = forced(manifest, s)
-        choice = Choice(c, "forced", refused=candidates(manifest)[1])
+        choice = Choice(c, "forced", refused=candidates(manifest, _needs_openvino(s))[1])
         log.info("engine: %s, forced by the settings (no measurement)", c.label)
         return choice, open_candidate(model_dir, manifest, c, s)
     found, refused = candidates(manifest)
