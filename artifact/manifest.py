@@ -59,6 +59,12 @@ class Variant(Strict):
     precision: str
     embedding_cosine_min: float = Field(description="min cosine vs fp32 on the bundled photos")
     embedding_cosine_mean: float
+    engine: Literal["onnxruntime", "openvino"] = Field(
+        "onnxruntime", description="the engine the file is quantised for (the one that runs it)"
+    )
+    knn_change: float | None = Field(
+        default=None, description="weighted k-NN accuracy change vs fp32, in points, if measured"
+    )
 
 
 class ParityCheck(Strict):

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from artifact.cpu import cpu_family
 from artifact.cpu import cpu_flags as all_cpu_flags
 
 log = logging.getLogger("benchmarks")
@@ -103,6 +104,7 @@ def versions() -> dict[str, str | None]:
 def machine() -> dict:
     return {
         "cpu": cpu_model(),
+        "cpu_family": cpu_family(),  # by matrix extensions: AMX, AVX-512 BF16/VNNI, AVX2 only
         "cpu_flags": cpu_flags(),
         "cores": len(os.sched_getaffinity(0)),
         "load_avg": list(os.getloadavg()),

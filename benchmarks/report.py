@@ -14,7 +14,9 @@ def result_stem(result: dict) -> str:
     suffix = "" if result["mode"] in ("default", "full") else f"-{result['mode']}"
     if result.get("sections") and len(result["sections"]) < 5:  # a partial run: don't overwrite
         suffix += "-" + "-".join(result["sections"])
-    return f"{result['date'][:10]}-{cpu}{suffix}"
+    family = re.sub(r"[^a-z0-9]+", "-", result["machine"].get("cpu_family", "").lower())
+    family = f"-{family.strip('-')}" if family.strip("-") else ""
+    return f"{result['date'][:10]}-{cpu}{family}{suffix}"
 
 
 def _fmt(value: object, column: str = "") -> str:
@@ -110,7 +112,8 @@ def _train(train: dict) -> list[str]:
 def write_markdown(result: dict, path: Path) -> None:
     m = result["machine"]
     lines = [
-        f"# Benchmark results: {m['cpu']}, {result['date']}",
+        f"# Benchmark results: {m['cpu']} ({m.get('cpu_family', 'unknown family')}), "
+        f"{result['date']}",
         "",
         f"`{result['command']}` ({result['mode']} mode), {result['threads']} threads, "
         f"{m['cores']} cores, flags {', '.join(m['cpu_flags'])}; load average at start "

@@ -4,9 +4,12 @@ Requests enqueue one job per image and await their futures. A dispatcher task ta
 waits up to ``wait_ms`` (from that job's arrival) for up to ``max_batch`` jobs of the same input
 shape and outputs, runs them as one call in a dedicated thread (the event loop stays free), and
 hands each job its own rows. An engine with ``parallel_calls`` > 1 (OpenVINO with several streams)
-gets that many batches in flight at once, each in its own thread; otherwise one at a time. The
-queue is bounded in images: a request that would overflow it is refused at once with
-``Overloaded`` (503 + Retry-After) instead of growing memory.
+gets that many batches in flight at once, each in its own thread; otherwise one at a time.
+When the engine is idle and nothing else waits, a batch goes at once (waiting for company only
+adds latency: while the engine is busy the next batch fills by itself), and on such an engine it
+runs on all threads (``run_solo``) with the other slots held, so a lone client is not served by
+one stream's share of the cores. The queue is bounded in images: a request that would overflow
+it is refused at once with ``Overloaded`` (503 + Retry-After) instead of growing memory.
 """
 
 from __future__ import annotations
@@ -73,7 +76,11 @@ class MicroBatcher:
             max_workers=self.parallel, thread_name_prefix="inference"
         )
         self._slots = asyncio.Semaphore(self.parallel)
+        # An engine that splits its threads into streams may run a lone batch on all of them.
+        self._solo = getattr(engine, "run_solo", None) if self.parallel > 1 else None
         self._running: set[asyncio.Task] = set()
+        # Images in the last batch dispatched; until a lone one is seen, batches wait as usual.
+        self._last_size = max_batch
         self._task: asyncio.Task | None = None
 
     @property
@@ -127,7 +134,14 @@ class MicroBatcher:
             except BaseException:
                 self._slots.release()
                 raise
-            task = loop.create_task(self._run(batch))
+            self._last_size = len(batch)
+            slots = 1
+            if self._solo is not None and not self._running and not self._queue:
+                # Alone: hold every slot (all free, nothing runs) and use all threads.
+                for _ in range(self.parallel - 1):
+                    await self._slots.acquire()
+                slots = self.parallel
+            task = loop.create_task(self._run(batch, slots))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
 
@@ -137,7 +151,11 @@ class MicroBatcher:
                 self._wakeup.clear()
                 await self._wakeup.wait()
             first = self._queue[0]
-            deadline = first.enqueued + self.wait_s
+            # The engine idle and the last batch a lone image (one client at a time): waiting
+            # would only add latency. Otherwise wait: clients answered together come back
+            # together, and a batch dispatched on the first of them would split the next one.
+            alone = not self._running and self._last_size <= 1
+            deadline = first.enqueued + (0.0 if alone else self.wait_s)
             while self._matching(first.key) < self.max_batch:
                 remaining = deadline - loop.time()
                 if remaining <= 0:
@@ -151,9 +169,9 @@ class MicroBatcher:
             if batch:
                 return batch
 
-    async def _run(self, batch: list[_Job]) -> None:
+    async def _run(self, batch: list[_Job], slots: int = 1) -> None:
         try:
-            await self._execute(batch)
+            await self._execute(batch, solo=slots > 1)
         except asyncio.CancelledError:  # stop() while this batch was in the engine
             _fail(batch, RuntimeError("server is shutting down"))
             raise
@@ -161,7 +179,8 @@ class MicroBatcher:
             log.exception("batch of %d failed", len(batch))
             _fail(batch, exc)
         finally:
-            self._slots.release()
+            for _ in range(slots):
+                self._slots.release()
 
     def _matching(self, key: tuple) -> int:
         return sum(1 for job in self._queue if job.key == key)
@@ -181,13 +200,14 @@ class MicroBatcher:
         self._queue = keep
         return batch
 
-    async def _execute(self, batch: list[_Job]) -> None:
+    async def _execute(self, batch: list[_Job], solo: bool = False) -> None:
         outputs = batch[0].outputs
         pixels = np.stack([job.pixels for job in batch])
         started = time.perf_counter()
+        run = self._solo if solo and self._solo is not None else self.engine.run
         try:
             result = await asyncio.get_running_loop().run_in_executor(
-                self._executor, self.engine.run, pixels, outputs
+                self._executor, run, pixels, outputs
             )
         except Exception as exc:
             log.exception("inference failed for a batch of %d", len(batch))

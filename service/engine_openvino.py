@@ -118,17 +118,47 @@ class OpenVinoEngine:
         self._requests: queue.SimpleQueue = queue.SimpleQueue()
         for _ in range(self.parallel_calls):
             self._requests.put(self.compiled.create_infer_request())
+        # With streams, a lone batch would run on one stream's threads only; a second compiled
+        # model with every thread on one request serves it (``run_solo``, when nothing else runs).
+        self._solo: queue.SimpleQueue = queue.SimpleQueue()
+        self.has_solo = self.parallel_calls > 1 and self._compile_solo(core, model, config)
+
+    def _compile_solo(self, core, model, config: dict) -> bool:
+        solo = {k: v for k, v in config.items() if k != "NUM_STREAMS"}
+        solo["PERFORMANCE_HINT"] = "LATENCY"
+        try:
+            self.compiled_solo = core.compile_model(model, "CPU", solo)
+        except Exception as exc:  # noqa: BLE001 - only a lone client's speed is at stake
+            log.warning("OpenVINO: no all-threads model for lone batches: %s", exc)
+            return False
+        self._solo.put(self.compiled_solo.create_infer_request())
+        return True
 
     def run(self, pixels: np.ndarray, outputs: tuple[str, ...]) -> dict[str, np.ndarray]:
         unknown = set(outputs) - set(self.output_names)
         if unknown:
             raise KeyError(f"unknown outputs {sorted(unknown)}; the model has {self.output_names}")
+        return self._infer(self._requests, pixels, outputs)
+
+    def run_solo(self, pixels: np.ndarray, outputs: tuple[str, ...]) -> dict[str, np.ndarray]:
+        """``run`` on every thread at once: for a batch that runs alone (the caller makes sure
+        no ``run`` is in flight, or they share the cores)."""
+        if not self.has_solo:
+            return self.run(pixels, outputs)
+        unknown = set(outputs) - set(self.output_names)
+        if unknown:
+            raise KeyError(f"unknown outputs {sorted(unknown)}; the model has {self.output_names}")
+        return self._infer(self._solo, pixels, outputs)
+
+    def _infer(
+        self, requests: queue.SimpleQueue, pixels: np.ndarray, outputs: tuple[str, ...]
+    ) -> dict[str, np.ndarray]:
         pixels = np.ascontiguousarray(pixels, dtype=np.float32)
-        request = self._requests.get()
+        request = requests.get()
         try:
             # share_inputs: the engine reads the caller's array in place (no copy of the batch).
             request.infer({self.input_name: pixels}, share_inputs=True)
             # Copies: the request's output buffers are reused by the next call.
             return {name: request.get_tensor(name).data.copy() for name in outputs}
         finally:
-            self._requests.put(request)
+            requests.put(request)

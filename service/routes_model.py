@@ -121,7 +121,8 @@ async def models(rt: ModelRuntimeDep) -> ModelInfo:
     info["knn"] = without_paths(info["knn"])
     return ModelInfo(
         **info,
-        variant=rt.settings.model_variant,
+        variant=rt.served_variant,
+        engine_choice=rt.choice.summary() if rt.choice else None,
         served_file=rt.served_file,
         sha256=manifest.model_sha256,
         applied_transform=describe(rt.transform),

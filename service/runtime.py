@@ -24,7 +24,8 @@ from service.embedding_transform import (
     served_vectors,
     transform_key,
 )
-from service.engine_choice import Engine, model_file, open_engine, open_graph
+from service.engine_choice import Engine, model_file, open_graph
+from service.engine_measure import Choice, choose_engine
 from service.images import PixelBudget
 from service.index import (
     IndexModelMismatch,
@@ -54,6 +55,7 @@ class Runtime:
     model_dir: Path | None = None
     manifest: Manifest | None = None
     engine: Engine | None = None
+    choice: Choice | None = None  # which engine/precision/file is served, and why
     decoder: Engine | None = None  # decoder.onnx beside the model, when there is a usable one
     decoder_meta: DecoderMeta | None = None
     decoder_error: str = ""  # why there is no decoder: what /reconstruct answers (409)
@@ -105,7 +107,11 @@ class Runtime:
 
     @property
     def served_file(self) -> str:
-        return model_file(self.loaded_manifest(), self.settings.model_variant)
+        return model_file(self.loaded_manifest(), self.served_variant)
+
+    @property
+    def served_variant(self) -> str:
+        return self.choice.candidate.variant if self.choice else "fp32"
 
     async def start(self) -> None:
         """Load the model and check the index belongs to it (raising, so the process stops,
@@ -122,15 +128,8 @@ class Runtime:
         self.transform = await anyio.to_thread.run_sync(
             load_transform, self.model_dir, self.manifest
         )
-        self.engine = await anyio.to_thread.run_sync(
-            open_engine,
-            self.model_dir,
-            self.manifest,
-            s.model_variant,
-            s.threads,
-            s.engine,
-            s.precision,
-            s.engine_streams,
+        self.choice, self.engine = await anyio.to_thread.run_sync(
+            choose_engine, self.model_dir, self.manifest, s
         )
         await anyio.to_thread.run_sync(self._open_decoder)
         await anyio.to_thread.run_sync(self._check_index_model)
@@ -145,7 +144,7 @@ class Runtime:
             "loaded model %s (%s, %s, sha256 %s) from %s; opening the %s index at %s",
             self.manifest.name,
             self.manifest.arch,
-            s.model_variant,
+            self.served_variant,
             self.manifest.model_sha256,
             self.model_dir,
             "pgvector" if factory.shared(s) else s.index_type,
@@ -165,9 +164,10 @@ class Runtime:
             return
         try:
             meta = load_decoder_meta(model_dir, manifest)
-            decoder = open_graph(
-                model_dir / meta.file, meta.input, s.threads, s.engine, s.precision, s.model_variant
-            )
+            # The model's engine; the decoder has one file, run at the model's float precision.
+            c = self.choice.candidate if self.choice else None
+            engine, precision = (c.engine, c.engine_precision) if c else (s.engine, "auto")
+            decoder = open_graph(model_dir / meta.file, meta.input, s.threads, engine, precision)
             if meta.output not in decoder.output_names:
                 raise DecoderUnavailable(
                     f"{model_dir / meta.file} has outputs {decoder.output_names}, decoder.json "

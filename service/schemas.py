@@ -79,6 +79,11 @@ class ModelInfo(Manifest):
         default_factory=dict,
         description="what the server does to the raw CLS embedding before indexing / returning it",
     )
+    engine_choice: dict[str, Any] | None = Field(
+        default=None,
+        description="the served engine, precision and variant, how they were chosen (measured, "
+        "cached or forced) and the images/s each candidate ran at",
+    )
 
 
 class Health(BaseModel):

@@ -38,14 +38,19 @@ class Settings(BaseSettings):
     model: str | None = Field(
         None, description="model to serve; default: the only one in the store"
     )
-    model_variant: Literal["fp32", "int8"] = Field("fp32", description="which ONNX file to run")
+    model_variant: str = Field(
+        "auto",
+        pattern=r"^[a-z0-9_]+$",
+        description="which file to run: fp32, or a manifest variant (int8, int8_openvino); "
+        "auto: chosen with the engine by measurement",
+    )
     engine: Literal["auto", "onnxruntime", "openvino"] = Field(
         "auto",
-        description="inference engine; auto: openvino (extra fast) with bf16 where the CPU has it, "
-        "else onnxruntime",
+        description="inference engine; auto: the fastest variant measured on this machine "
+        "(cached in DINO_DATA_DIR/engine_choice.json)",
     )
-    precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="openvino inference precision; auto: bf16 where the CPU has it"
+    precision: Literal["auto", "fp32", "bf16", "int8"] = Field(
+        "auto", description="inference precision (int8: the model's int8 variant); auto: measured"
     )
     data_dir: Path = Field(Path("./data"), description="where the index and items live")
     host: str = "127.0.0.1"

@@ -156,10 +156,12 @@ def test_cancelled_callers_are_dropped_and_stop_fails_waiters(engine):
         batcher = MicroBatcher(engine, max_batch=16, wait_ms=200, queue_limit=16)
         batcher.start()
         gone = asyncio.ensure_future(batcher.infer([pixels(0)], ("embedding",)))
-        stays = asyncio.ensure_future(batcher.infer([pixels(1)], ("embedding",)))
+        # Two images: after a batch of more than one the next batch waits to fill (a lone
+        # client's batch would go at once and finish before stop()).
+        stays = asyncio.ensure_future(batcher.infer([pixels(1), pixels(4)], ("embedding",)))
         await asyncio.sleep(0.01)
         gone.cancel()
-        assert (await stays)["embedding"].shape == (1, 192)
+        assert (await stays)["embedding"].shape == (2, 192)
         waiting = asyncio.ensure_future(batcher.infer([pixels(2)], ("embedding",)))
         await asyncio.sleep(0.01)
         await batcher.stop()

@@ -37,15 +37,15 @@ from artifact import (
     FileEntry,
     Manifest,
     Provenance,
+    Variant,
     load_manifest,
     sha256_file,
     write_manifest,
 )
-from artifact.cli import DefaultsHelpFormatter, run_cli
+from artifact.cli import run_cli
 from artifact.files import STAGING_DIR, publish_dir, remove_stale
 from artifact.photos import load_photo
 from artifact.transform import eval_pixels
-from training.centring import add_arguments as add_centring_arguments
 from training.centring import centre_exported
 from training.centring import check_source as check_centring_source
 from training.eval_settings import (
@@ -56,6 +56,7 @@ from training.eval_settings import (
     inferred_image_size,
     knn_eval_sizes,
 )
+from training.export_args import parse_args as _parse
 from training.onnx_graph import (
     EXPORTER,
     OPSET,
@@ -67,6 +68,10 @@ from training.onnx_graph import (
 from training.parity import check_parity, far_parity_inputs, parity_inputs
 from training.provenance import git_commit
 from training.quantize import MIN_INT8_COSINE, int8_variant
+from training.quantize_openvino import BIN_FILE, XML_FILE
+
+# OpenVINO static int8 IR files (--int8-openvino).
+OPENVINO_INT8_FILES = (XML_FILE, BIN_FILE)
 
 # Named explicitly: run as ``python -m`` this module is ``__main__``.
 log = logging.getLogger("training.export")
@@ -89,14 +94,16 @@ def export_backbone(
     knn: dict | None = None,
     int8: bool = False,
     int8_min_cosine: float = MIN_INT8_COSINE,
+    int8_openvino: bool = False,
+    int8_labels: str | None = None,
 ) -> Path:
     """Export ``backbone`` to ``models_dir/name`` and return that folder.
 
-    ``provenance`` holds ``source`` ("training", "checkpoint" or "random") and optionally
-    ``checkpoint_sha256``, ``git_commit``, ``training_config``; the export time, torch version and
-    exporter are added here. Raises ``ParityError`` (nothing written) when onnxruntime and PyTorch
-    disagree. With ``int8`` the int8 variant is kept only if its min embedding cosine vs fp32 on
-    the bundled photos reaches ``int8_min_cosine``; otherwise it is skipped with a warning.
+    ``provenance``: ``source`` and optionally ``checkpoint_sha256``, ``git_commit``,
+    ``training_config`` (export time, torch version and exporter are added). ``ParityError``
+    (nothing written) when onnxruntime and PyTorch disagree. ``int8`` / ``int8_openvino`` add
+    int8 variants, each kept only when it passes its gate (``int8_min_cosine`` on the bundled
+    photos; ``int8_labels`` names a labelled set for OpenVINO's k-NN gate).
     """
     patch = _check_request(backbone, name, train_image_size, eval_crop)
     # Validate the cheap parts first so a bad call fails before any work.
@@ -110,7 +117,8 @@ def export_backbone(
         photo = (round(train_image_size * eval_resize / eval_crop), mean, std)
         what = f"{arch}/{patch}" if patch else arch
         parity = _write_checked_onnx(model, tmp / MODEL_FILE, what, train_image_size, photo)
-        variants = int8_variant(tmp, transform, mean, std, int8_min_cosine) if int8 else {}
+        int8_kinds = (int8, int8_openvino, int8_labels)
+        variants = _int8_variants(tmp, backbone, transform, mean, std, int8_min_cosine, int8_kinds)
         t0 = time.perf_counter()
         files = _file_entries(tmp)
         manifest = Manifest(
@@ -136,6 +144,27 @@ def export_backbone(
         return final
 
 
+def _int8_variants(
+    folder: Path,
+    backbone: nn.Module,
+    transform: EvalTransform,
+    mean: Sequence[float],
+    std: Sequence[float],
+    min_cosine: float,
+    kinds: tuple[bool, bool, str | None],
+) -> dict[str, Variant]:
+    """The int8 variants asked for, each kept only when it passes its accuracy gate:
+    onnxruntime's dynamic int8 and OpenVINO's static int8 (k-NN gate on ``labels`` if named)."""
+    dynamic, openvino, labels = kinds
+    variants = int8_variant(folder, transform, mean, std, min_cosine) if dynamic else {}
+    if openvino:
+        from training.quantize_openvino import openvino_int8_variant
+
+        vit = backbone.family == "vit"
+        variants |= openvino_int8_variant(folder, transform, mean, std, vit, labels)
+    return variants
+
+
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
@@ -159,7 +188,7 @@ def _network_fields(backbone: nn.Module, patch: int | None) -> dict[str, Any]:
 def _file_entries(folder: Path) -> dict[str, FileEntry]:
     return {
         f: FileEntry(sha256=sha256_file(folder / f), bytes=(folder / f).stat().st_size)
-        for f in (MODEL_FILE, INT8_FILE)
+        for f in (MODEL_FILE, INT8_FILE, *OPENVINO_INT8_FILES)
         if (folder / f).is_file()
     }
 
@@ -236,73 +265,6 @@ def _write_checked_onnx(
     return parity
 
 
-def _add_source_arguments(parser: argparse.ArgumentParser) -> None:
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument(
-        "--checkpoint", type=Path, help="ours, an official DINO .pth or a state dict"
-    )
-    source.add_argument(
-        "--random-init", action="store_true", help="export untrained weights (tests, baselines)"
-    )
-
-
-def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
-    from training.backbones import ARCHS
-
-    parser = argparse.ArgumentParser(
-        prog="python -m training.export",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=DefaultsHelpFormatter,
-    )
-    _add_source_arguments(parser)
-    parser.add_argument(
-        "--arch",
-        choices=ARCHS,
-        help="default: the checkpoint's own (ours and official full ones); needed for bare "
-        "state dicts and --random-init",
-    )
-    parser.add_argument(
-        "--patch-size",
-        type=int,
-        help=f"ViT patch size; default: the checkpoint's own, else {DEFAULT_PATCH_SIZE}. Pass 8 "
-        "for the official /8 files",
-    )
-    parser.add_argument(
-        "--depth", type=int, help="ViT depth; default: the checkpoint's own, else the arch's"
-    )
-    parser.add_argument("--name", required=True, help="folder name under --models-dir")
-    parser.add_argument(
-        "--models-dir",
-        type=Path,
-        default=Path("models"),
-        help="model store the server reads (its DINO_MODELS_DIR)",
-    )
-    parser.add_argument(
-        "--image-size",
-        type=int,
-        help="training image size; default: read from a ViT checkpoint's positional embedding, "
-        f"else {IMAGENET_IMAGE_SIZE}. Change it only for bare ResNet weights trained at another "
-        "size",
-    )
-    parser.add_argument(
-        "--which",
-        choices=("teacher", "student"),
-        default="teacher",
-        help="network of a training checkpoint; DINO evaluates the teacher",
-    )
-    parser.add_argument(
-        "--int8",
-        action="store_true",
-        help="also write a dynamic int8 variant (kept only if it agrees with fp32 on photos)",
-    )
-    parser.add_argument("--seed", type=int, default=0, help="seed for --random-init")
-    add_centring_arguments(parser, "--centre-on")
-    args = parser.parse_args(argv)
-    if args.whiten and not args.centre_on:
-        parser.error("--whiten needs --centre-on DIR|training")
-    return args
-
-
 def _backbone(args: argparse.Namespace, obj: Mapping, config: dict) -> tuple[nn.Module, str, int]:
     """The network to export, its arch and training image size: flags win; otherwise a
     checkpoint that records its training config (ours, or an official full checkpoint's
@@ -366,6 +328,8 @@ def run(argv: Sequence[str] | None = None) -> Path:
         provenance=provenance,
         knn=knn,
         int8=args.int8,
+        int8_openvino=args.int8_openvino,
+        int8_labels=args.int8_labels,
     )
     if args.centre_on and not centre_exported(path, args):  # fitted on the published graph
         raise RuntimeError(f"exported {path}, but its embedding transform could not be fitted")

@@ -24,7 +24,7 @@ from service.embedding_transform import (
     served_dim,
     transform_key,
 )
-from service.engine_choice import open_engine
+from service.engine_measure import choose_engine
 from service.index.build import build_folder, embed_files, load_metadata
 from service.index.errors import IndexStoreError
 from service.index.factory import location, open_index
@@ -166,16 +166,9 @@ def _locked(args: argparse.Namespace, settings: Settings, lock: DirLock | None) 
     manifest = load_manifest(model_dir)
     transform = load_transform(model_dir, manifest)
     key, dim = transform_key(transform), served_dim(manifest)
-    # The server's own engine choice (DINO_ENGINE / DINO_PRECISION), so stored vectors and
+    # The server's own engine choice (measured and cached, or forced), so stored vectors and
     # queries come from the same computation.
-    engine = open_engine(
-        model_dir,
-        manifest,
-        settings.model_variant,
-        settings.threads,
-        settings.engine,
-        settings.precision,
-    )
+    _, engine = choose_engine(model_dir, manifest, settings)
     embed = partial(
         embed_files,
         manifest=manifest,

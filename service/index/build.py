@@ -12,11 +12,16 @@ Each item records its path relative to ``--images`` and that folder: all ``rebui
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
+import os
+import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -43,11 +48,13 @@ class BuildReport:
     skipped: int = 0  # already indexed
     failed: list[tuple[str, str]] = field(default_factory=list)  # (path, why)
     unmatched_metadata: int = 0
+    seconds: float = 0.0  # time spent embedding and storing
 
     def summary(self) -> str:
+        rate = f"; {self.added / self.seconds:.1f} images/s" if self.seconds > 0 else ""
         return (
             f"{self.found} images found: {self.added} added, {self.skipped} already indexed, "
-            f"{len(self.failed)} failed"
+            f"{len(self.failed)} failed{rate}"
         )
 
 
@@ -115,20 +122,36 @@ def embed_files(
     """Decode, preprocess and embed (then the artifact's transform, as the server does); returns
     (indices of the paths that worked, unit vectors, thumbnails, failures)."""
     kept, pixels, thumbs, failed = [], [], [], []
-    for i, path in enumerate(paths):
-        try:
-            img = decode_image(path.read_bytes(), max_pixels)
-        except (ImageError, OSError) as exc:
-            failed.append((str(path), str(exc)))
-            log.warning("skipping %s: %s", path, exc)
+    prepare = partial(_prepare, manifest=manifest, max_pixels=max_pixels, side=thumbnail_side)
+    # Pillow releases the GIL while it decodes and resizes: the images of a batch in parallel.
+    for i, (path, done) in enumerate(zip(paths, _decode_pool().map(prepare, paths), strict=True)):
+        if isinstance(done, str):
+            failed.append((str(path), done))
+            log.warning("skipping %s: %s", path, done)
             continue
         kept.append(i)
-        pixels.append(eval_pixels(img, manifest))
-        thumbs.append(thumbnail_jpeg(img, thumbnail_side))
+        pixels.append(done[0])
+        thumbs.append(done[1])
     if not kept:
         return [], np.empty((0, served_dim(manifest)), np.float32), [], failed
     out = engine.run(np.stack(pixels), ("embedding",))["embedding"]
     return kept, served_vectors(transform, out.astype(np.float32)), thumbs, failed
+
+
+@functools.cache
+def _decode_pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="decode")
+
+
+def _prepare(
+    path: Path, manifest: Manifest, max_pixels: int, side: int
+) -> tuple[np.ndarray, bytes] | str:
+    """One file's eval pixels and thumbnail, or why it cannot be read."""
+    try:
+        img = decode_image(path.read_bytes(), max_pixels)
+    except (ImageError, OSError) as exc:
+        return str(exc)
+    return eval_pixels(img, manifest), thumbnail_jpeg(img, side)
 
 
 def _inside(root: Path, files: list[Path], report: BuildReport) -> list[Path]:
@@ -198,6 +221,7 @@ def build_folder(
         log.warning("%d metadata records match no image file", report.unmatched_metadata)
     if report.skipped:
         log.info("%d of %d images are already indexed; skipping them", report.skipped, len(found))
+    started = time.perf_counter()
     with tqdm(total=len(todo), unit="img", desc="indexing", disable=not progress) as bar:
         for batch in _batches(todo, batch_size):
             kept, vectors, thumbs, failed = embed(batch)
@@ -214,4 +238,5 @@ def build_folder(
                 )
                 report.added += len(chosen)
             bar.update(len(batch))
+    report.seconds = time.perf_counter() - started
     return report

@@ -1,0 +1,212 @@
+"""Static int8 for OpenVINO: NNCF post-training quantisation of the exported ONNX graph.
+
+Why next to onnxruntime's dynamic int8: on CPUs with VNNI (and AMX) OpenVINO's int8 kernels run
+the matrix products at up to twice bf16's rate, and static quantisation (activation ranges fixed
+from calibration images) spends no time measuring ranges per batch. The result is an OpenVINO IR
+(``model.int8_openvino.xml`` + ``.bin``) that the server opens with OpenVINO only; NNCF and the
+calibration images are export-time (training-side) dependencies, the server needs only openvino.
+
+The variant is kept only when it passes the accuracy gate (``artifact.gates``): min embedding
+cosine vs the fp32 graph on the bundled photos, and, when a labelled set is named, DINO's
+weighted k-NN accuracy change vs fp32. Both numbers go into the manifest.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageEnhance, ImageOps
+
+from artifact import INPUT_NAME, MODEL_FILE, EvalTransform, Variant
+from artifact.cosine import row_cosines
+from artifact.gates import MAX_KNN_CHANGE, MIN_COSINE
+from artifact.photos import load_photo
+from artifact.transform import eval_pixels
+from training.parity import PHOTO_NAMES, ort_session, photo_batch
+
+log = logging.getLogger(__name__)
+
+VARIANT_KEY = "int8_openvino"
+XML_FILE = "model.int8_openvino.xml"
+BIN_FILE = "model.int8_openvino.bin"
+CALIBRATION_IMAGES = 300
+LABELLED_SETS = ("digits", "fashion-mnist")
+FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+
+@functools.cache
+def _core():
+    """One ``openvino.Core`` for the process, never released (see ``service.engine_openvino``
+    for why dropping one can break signal handling later)."""
+    import openvino as ov
+
+    return ov.Core()
+
+
+def _source_photos() -> list[Image.Image]:
+    """Real photos available offline: scikit-image's and scikit-learn's bundled ones."""
+    from sklearn.datasets import load_sample_images
+
+    photos = [load_photo(name) for name in PHOTO_NAMES]
+    photos += [Image.fromarray(a).convert("RGB") for a in load_sample_images().images]
+    return photos
+
+
+def _augment(img: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """A random crop (10-100 % of the area), flip and brightness/contrast change."""
+    w, h = img.size
+    area = rng.uniform(0.1, 1.0) * w * h
+    side_w = int(min(w, max(16, np.sqrt(area * rng.uniform(0.75, 1.33)))))
+    side_h = int(min(h, max(16, area / side_w)))
+    x, y = int(rng.integers(0, w - side_w + 1)), int(rng.integers(0, h - side_h + 1))
+    out = img.crop((x, y, x + side_w, y + side_h))
+    if rng.random() < 0.5:
+        out = ImageOps.mirror(out)
+    out = ImageEnhance.Brightness(out).enhance(rng.uniform(0.7, 1.3))
+    return ImageEnhance.Contrast(out).enhance(rng.uniform(0.7, 1.3))
+
+
+def calibration_images(count: int = CALIBRATION_IMAGES, seed: int = 0) -> Iterator[Image.Image]:
+    """``count`` real images: the bundled photos, then random crops of them, with a quarter
+    Fashion-MNIST items where that data set is installed."""
+    rng = np.random.default_rng(seed)
+    photos = _source_photos()
+    fmnist: np.ndarray | None = None
+    if FMNIST_DIR.is_dir():
+        from training.data import load_fashion_mnist
+
+        fmnist = load_fashion_mnist(FMNIST_DIR)[0].images  # type: ignore[attr-defined]
+    for i in range(count):
+        if i < len(photos):
+            yield photos[i]
+        elif fmnist is not None and i % 4 == 0:
+            yield Image.fromarray(fmnist[int(rng.integers(len(fmnist)))]).convert("RGB")
+        else:
+            yield _augment(photos[int(rng.integers(len(photos)))], rng)
+
+
+def quantize_openvino(
+    onnx_path: Path,
+    xml_path: Path,
+    pixels: Sequence[np.ndarray],
+    transformer: bool,
+) -> None:
+    """NNCF's post-training quantisation of ``onnx_path`` into the IR ``xml_path`` (+ .bin),
+    calibrated on ``pixels`` (preprocessed ``[3, crop, crop]`` images, one per call)."""
+    import nncf
+    import openvino as ov
+
+    model = _core().read_model(str(onnx_path))
+    data = nncf.Dataset(list(pixels), lambda x: {INPUT_NAME: x[None]})
+    kwargs = {"model_type": nncf.ModelType.TRANSFORMER} if transformer else {}
+    quantised = nncf.quantize(model, data, subset_size=len(pixels), **kwargs)
+    ov.save_model(quantised, str(xml_path), compress_to_fp16=False)
+
+
+def _ov_embed(xml_path: Path, pixels: np.ndarray, batch: int = 32) -> np.ndarray:
+    """Embeddings from the IR, compiled as the server runs int8 (other ops in fp32)."""
+    compiled = _core().compile_model(str(xml_path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    request = compiled.create_infer_request()
+    out = []
+    for start in range(0, len(pixels), batch):
+        request.infer({INPUT_NAME: np.ascontiguousarray(pixels[start : start + batch])})
+        out.append(request.get_tensor("embedding").data.copy())
+    return np.concatenate(out)
+
+
+def _ort_embed(onnx_path: Path, pixels: np.ndarray, batch: int = 32) -> np.ndarray:
+    session = ort_session(onnx_path)
+    parts = [
+        session.run(["embedding"], {INPUT_NAME: pixels[s : s + batch]})[0]
+        for s in range(0, len(pixels), batch)
+    ]
+    return np.concatenate(parts)
+
+
+def labelled_set(name: str, limit: int = 2000) -> tuple[list[Image.Image], np.ndarray]:
+    """Images and labels of a labelled set for the k-NN gate: sklearn's digits (1,797 8x8
+    scans, no download) or Fashion-MNIST's test split (the first ``limit``)."""
+    if name == "digits":
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        images = (digits.images * (255 / 16)).astype(np.uint8)[:limit]
+        labels = digits.target[:limit]
+    elif name == "fashion-mnist":
+        from training.data import load_fashion_mnist
+
+        test = load_fashion_mnist(FMNIST_DIR)[1]
+        images, labels = test.images[:limit], test.labels[:limit]  # type: ignore[attr-defined]
+    else:
+        raise ValueError(f"labelled set must be one of {LABELLED_SETS}, got {name!r}")
+    return [Image.fromarray(a).convert("RGB") for a in images], np.asarray(labels, np.int64)
+
+
+def knn_top1(features: np.ndarray, labels: np.ndarray) -> float:
+    """DINO's weighted k-NN top-1 (k=20, T=0.07), first two thirds as memory, rest as queries."""
+    import torch
+
+    from training.knn import knn_classify
+
+    feats = features / np.linalg.norm(features, axis=1, keepdims=True).clip(1e-12)
+    split = len(feats) * 2 // 3
+    f, y = torch.from_numpy(feats.astype(np.float32)), torch.from_numpy(labels)
+    return knn_classify(f[:split], y[:split], f[split:], y[split:])["top1"]
+
+
+def _prep(images: Sequence[Image.Image], t: EvalTransform, mean, std) -> np.ndarray:
+    return np.stack([eval_pixels(i, t.resize, t.crop, mean, std, t.interpolation) for i in images])
+
+
+def openvino_int8_variant(
+    tmp: Path,
+    transform: EvalTransform,
+    mean: Sequence[float],
+    std: Sequence[float],
+    transformer: bool,
+    labelled: str | None = None,
+    calibration: int = CALIBRATION_IMAGES,
+) -> dict[str, Variant]:
+    """Quantise ``tmp/model.onnx`` for OpenVINO and return the manifest's ``variants`` entry,
+    or ``{}`` (files removed, warning logged) when it fails its gate."""
+    t0 = time.perf_counter()
+    xml = tmp / XML_FILE
+    pixels = _prep(list(calibration_images(calibration)), transform, mean, std)
+    quantize_openvino(tmp / MODEL_FILE, xml, list(pixels), transformer)
+    photos = photo_batch(PHOTO_NAMES, transform, mean, std)
+    cos = row_cosines(_ort_embed(tmp / MODEL_FILE, photos), _ov_embed(xml, photos))
+    cos_min, cos_mean = float(cos.min()), float(cos.mean())
+    change = None
+    if labelled is not None:
+        images, labels = labelled_set(labelled)
+        pix = _prep(images, transform, mean, std)
+        fp32 = knn_top1(_ort_embed(tmp / MODEL_FILE, pix), labels)
+        change = round(knn_top1(_ov_embed(xml, pix), labels) - fp32, 3)
+        log.info("quantize: OpenVINO int8 k-NN on %s: fp32 %.2f %%, change %+.2f points",
+                 labelled, fp32, change)  # fmt: skip
+    took = time.perf_counter() - t0
+    kept = cos_min >= MIN_COSINE and (change is None or abs(change) <= MAX_KNN_CHANGE)
+    if not kept:
+        xml.unlink(missing_ok=True)
+        (tmp / BIN_FILE).unlink(missing_ok=True)
+        log.warning("quantize: OpenVINO int8 SKIPPED: cosine vs fp32 min %.5f (gate %.2f), k-NN "
+                    "change %s (gate %.1f points); %.1f s", cos_min, MIN_COSINE, change,
+                    MAX_KNN_CHANGE, took)  # fmt: skip
+        return {}
+    log.info("quantize: OpenVINO int8 kept, cosine vs fp32 min %.5f mean %.5f on %d photos, "
+             "calibrated on %d images, in %.1f s", cos_min, cos_mean, len(photos), len(pixels),
+             took)  # fmt: skip
+    variant = Variant(
+        file=XML_FILE,
+        precision="int8",
+        engine="openvino",
+        embedding_cosine_min=cos_min,
+        embedding_cosine_mean=cos_mean,
+        knn_change=change,
+    )
+    return {VARIANT_KEY: variant}
