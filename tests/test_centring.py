@@ -159,9 +159,9 @@ def test_export_flags_fit_the_transform(photo_dir, tmp_path) -> None:
     store = tmp_path / "exported"
     base = ["--random-init", "--arch", "vit_tiny", "--patch-size", "8", "--depth", "1"]
     base += ["--image-size", "32", "--models-dir", str(store)]
-    with pytest.raises(SystemExit):
-        export_main([*base, "--name", "w", "--whiten", "3"])  # --whiten needs --centre-on
-    assert export_main([*base, "--name", "gone", "--centre-on", str(tmp_path / "none")]) == 1
+    # Bad usage or input: exit 2 with one message, nothing exported.
+    assert export_main([*base, "--name", "w", "--whiten", "3"]) == 2  # --whiten needs --centre-on
+    assert export_main([*base, "--name", "gone", "--centre-on", str(tmp_path / "none")]) == 2
     assert not (store / "gone").exists()  # refused before any work
     assert export_main([*base, "--name", "c", "--centre-on", str(photo_dir), "--whiten", "3"]) == 0
     info = load_manifest(store / "c").embedding_transform
