@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any
+from collections.abc import Callable
+from typing import Annotated, Any, TypeVar
 
 import anyio
 import numpy as np
@@ -11,6 +12,7 @@ from fastapi import APIRouter, Depends, File, Form, HTTPException, Query, Respon
 
 from service.images import thumbnail_jpeg
 from service.index import Hit
+from service.index.backend import IndexBackend
 from service.index.filters import parse_filter
 from service.index.validate import shown_source
 from service.preprocess import eval_pixels
@@ -196,6 +198,18 @@ async def list_items(
     return ItemList(items=[Item(**item.to_dict()) for item in items], total=total, offset=offset)
 
 
+T = TypeVar("T")
+
+
+async def _stored_or_404(rt: Runtime, read: Callable[[IndexBackend], T | None], detail: str) -> T:
+    """Read one thing about an item off the event loop; 404 with ``detail`` when it is absent."""
+    store = rt.open_index()
+    found = await anyio.to_thread.run_sync(read, store)
+    if found is None:
+        raise HTTPException(404, detail)
+    return found
+
+
 @router.get(
     "/items/{item_id}",
     response_model=Item,
@@ -203,10 +217,8 @@ async def list_items(
     summary="One item's metadata",
 )
 async def get_item(rt: RuntimeDep, item_id: str) -> Item:
-    store = rt.open_index()
-    item = await anyio.to_thread.run_sync(store.get, item_id)
-    if item is None:
-        raise HTTPException(404, f"no item with id {item_id!r} in the index")
+    detail = f"no item with id {item_id!r} in the index"
+    item = await _stored_or_404(rt, lambda s: s.get(item_id), detail)
     return Item(**item.to_dict())
 
 
@@ -220,10 +232,8 @@ async def get_item(rt: RuntimeDep, item_id: str) -> Item:
     summary="The item's stored JPEG thumbnail",
 )
 async def get_thumbnail(rt: RuntimeDep, item_id: str) -> Response:
-    store = rt.open_index()
-    data = await anyio.to_thread.run_sync(store.thumbnail, item_id)
-    if data is None:
-        raise HTTPException(404, f"no thumbnail for {item_id!r} (unknown id, or added without)")
+    detail = f"no thumbnail for {item_id!r} (unknown id, or added without)"
+    data = await _stored_or_404(rt, lambda s: s.thumbnail(item_id), detail)
     return Response(data, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
 
 

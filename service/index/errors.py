@@ -11,6 +11,22 @@ class IndexModelMismatch(IndexStoreError):
     """The data dir holds vectors of another model (or another dimension)."""
 
 
+def refuse_other_model(
+    where: str, meta: dict, sha: str, dim: int, name: str | None, remedy: str
+) -> None:
+    """Raise IndexModelMismatch if the index's vectors come from another model than the one in
+    use; ``remedy`` ends the message with what to do, which differs by backend."""
+    if meta["model_sha256"] == sha and int(meta["dim"]) == dim:
+        return
+    built_by = repr(meta["model_name"]) if meta.get("model_name") else "an unnamed model"
+    now = f"{name!r} " if name else ""
+    raise IndexModelMismatch(
+        f"the index in {where} was built by model {built_by} (sha256 "
+        f"{meta['model_sha256'][:12]}, dim {meta['dim']}), but the model in use is "
+        f"{now}(sha256 {sha[:12]}, dim {dim}); their vectors cannot be compared. {remedy}"
+    )
+
+
 class InvalidItemError(ValueError):
     """Bad input to add(): id, metadata, vector or thumbnail (HTTP 422)."""
 

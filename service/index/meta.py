@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 
 from service.index.db import DB_FILE, SCHEMA_VERSION, ItemDB, utc_now
-from service.index.errors import IndexModelMismatch, IndexStoreError
+from service.index.errors import IndexModelMismatch, IndexStoreError, refuse_other_model
 from service.index.snapshot import SNAPSHOT_FILE, SnapshotError, read_snapshot
 
 log = logging.getLogger(__name__)
@@ -44,16 +44,15 @@ def check_meta(
             embedding_transform=transform,
         )
         return db.meta()
-    if meta["model_sha256"] != sha or int(meta["dim"]) != dim:
-        built_by = repr(meta["model_name"]) if meta.get("model_name") else "an unnamed model"
-        now = f"{name!r} " if name else ""
-        raise IndexModelMismatch(
-            f"the index in {data_dir} was built by model {built_by} (sha256 "
-            f"{meta['model_sha256'][:12]}, dim {meta['dim']}), but the model in use is "
-            f"{now}(sha256 {sha[:12]}, dim {dim}); their vectors cannot be compared. Re-embed "
-            f"the stored items with the current model: `{rebuild_command(data_dir)}` (with "
-            f"--models-dir/--model as for the server), or move {data_dir} away to start empty."
-        )
+    refuse_other_model(
+        str(data_dir),
+        meta,
+        sha,
+        dim,
+        name,
+        f"Re-embed the stored items with the current model: `{rebuild_command(data_dir)}` "
+        f"(with --models-dir/--model as for the server), or move {data_dir} away to start empty.",
+    )
     recorded = meta.get("embedding_transform", NO_TRANSFORM)
     if recorded != transform:
         raise IndexModelMismatch(

@@ -20,7 +20,7 @@ import logging
 import psycopg
 
 from service.index.db import SCHEMA_VERSION, utc_now
-from service.index.errors import IndexModelMismatch, IndexStoreError
+from service.index.errors import IndexModelMismatch, IndexStoreError, refuse_other_model
 
 log = logging.getLogger(__name__)
 
@@ -156,14 +156,12 @@ def _refuse_other_model(
     where: str, meta: dict[str, str], sha: str, dim: int, name: str | None
 ) -> None:
     """Raise if the database's vectors come from another model than the one in use."""
-    if meta["model_sha256"] == sha and int(meta["dim"]) == dim:
-        return
-    built_by = repr(meta["model_name"]) if meta.get("model_name") else "an unnamed model"
-    now = f"{name!r} " if name else ""
-    raise IndexModelMismatch(
-        f"the index in {where} was built by model {built_by} (sha256 "
-        f"{meta['model_sha256'][:12]}, dim {meta['dim']}), but the model in use is "
-        f"{now}(sha256 {sha[:12]}, dim {dim}); their vectors cannot be compared. Point "
-        "DINO_INDEX_URL at another database (and re-index the images there with "
-        "`python -m service.index build`), or serve the model that built it."
+    refuse_other_model(
+        where,
+        meta,
+        sha,
+        dim,
+        name,
+        "Point DINO_INDEX_URL at another database (and re-index the images there with "
+        "`python -m service.index build`), or serve the model that built it.",
     )

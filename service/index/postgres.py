@@ -220,24 +220,21 @@ class PgStore:
         exclude_ids: Iterable[str] | None = None,
         filter: dict | None = None,
     ) -> list[list[Hit]]:
-        """Per query row, up to k hits best first (cosine score), excluded ids left out, only
-        items whose metadata matches ``filter`` when one is given."""
-        if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
-            raise InvalidItemError(f"k must be a positive integer, got {k!r}")
+        """The contract of ``IndexStore.search``, each query ranked by pgvector in the database."""
+        k = v.check_k(k)
         queries = v.as_unit_rows(query, self.dim, "query")
         flt = check_filter(filter)
         exclude = list(exclude_ids or [])
-        return self._read(lambda c: [self._nearest(c, q, int(k), exclude, flt) for q in queries])
+        return self._read(lambda c: [self._nearest(c, q, k, exclude, flt) for q in queries])
 
     def similar(self, item_id: str, k: int = 10, filter: dict | None = None) -> list[Hit] | None:
-        """Nearest neighbours of a stored item, itself excluded; None when the id is unknown."""
-        if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
-            raise InvalidItemError(f"k must be a positive integer, got {k!r}")
+        """The contract of ``IndexStore.similar``, ranked in the database from the stored vector."""
+        k = v.check_k(k)
         flt = check_filter(filter)
 
         def work(c: psycopg.Connection) -> list[Hit] | None:
             vec = self._vector(c, item_id)
-            return None if vec is None else self._nearest(c, vec, int(k), [item_id], flt)
+            return None if vec is None else self._nearest(c, vec, k, [item_id], flt)
 
         return self._read(work)
 

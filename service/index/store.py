@@ -292,8 +292,7 @@ class IndexStore(WholeIndexReads):
     ) -> list[list[Hit]]:
         """Per query row, up to k hits best first (cosine score), excluded ids left out, only
         items whose metadata matches ``filter`` when one is given."""
-        if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
-            raise v.InvalidItemError(f"k must be a positive integer, got {k!r}")
+        k = v.check_k(k)
         queries = v.as_unit_rows(query, self.dim, "query")
         flt = check_filter(filter)
         with self._lock:
@@ -303,9 +302,9 @@ class IndexStore(WholeIndexReads):
                 version = (self._seq, self._ann.live)  # every add or delete changes one
                 allowed = self._matches.rows(self._db.conn, flt, version)
                 allowed = allowed[~np.isin(allowed, list(exclude))] if exclude else allowed
-                found = filtered.search_rows(self._ann, self._db.conn, queries, int(k), allowed)
+                found = filtered.search_rows(self._ann, self._db.conn, queries, k, allowed)
             else:
-                found = self._ann.search(queries, int(k), exclude)
+                found = self._ann.search(queries, k, exclude)
             described = self._db.describe_rows(sorted({r for res in found for r, _ in res}))
         return [
             [Hit(described[r][0], s, json.loads(described[r][1])) for r, s in res if r in described]

@@ -20,6 +20,13 @@ MAX_THUMBNAIL_BYTES = 256 * 1024
 MAX_SOURCE_LEN = 4096
 
 
+def check_k(k: object) -> int:
+    """How many neighbours a search asks for: a positive integer (bool is not one)."""
+    if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
+        raise InvalidItemError(f"k must be a positive integer, got {k!r}")
+    return int(k)
+
+
 def check_id(item_id: object) -> str:
     """An external id: 1..128 printable characters, no '/' (ids appear in URL paths)."""
     if not isinstance(item_id, str):
