@@ -40,6 +40,15 @@ class EvalSettings:
     def as_dict(self) -> dict:
         return {"resize": self.resize, "crop": self.crop, "mean": self.mean, "std": self.std}
 
+    def export_kwargs(self) -> dict:
+        """These settings as ``export_backbone``'s keyword arguments, for every caller to share."""
+        return {
+            "mean": self.mean,
+            "std": self.std,
+            "eval_resize": self.resize,
+            "eval_crop": self.crop,
+        }
+
 
 def official_eval_settings(image_size: int = IMAGENET_IMAGE_SIZE) -> EvalSettings:
     """ImageNet eval defaults for weights trained at ``image_size`` (224 for the official files)."""

@@ -29,6 +29,7 @@ from training.checkpoints import read_checkpoint
 from training.config import PRESETS, TrainConfig, add_config_flags, config_from_args
 from training.data import load_splits
 from training.distributed import DistInfo, barrier, cleanup, init_distributed
+from training.eval_settings import EvalSettings
 from training.trainer import CHECKPOINT_NAME, Trainer
 
 log = logging.getLogger("training.run")
@@ -133,6 +134,7 @@ def resolve_config(args: argparse.Namespace, run_dir: Path) -> TrainConfig:
 def export_teacher(trainer: Trainer, cfg: TrainConfig, knn: dict | None, name: str) -> Path:
     from training.export import export_backbone, git_commit
 
+    settings = EvalSettings(cfg.eval_resize, cfg.eval_crop, cfg.mean, cfg.std)
     ckpt = trainer.checkpoint_path
     provenance = {
         "source": "training",
@@ -146,10 +148,7 @@ def export_teacher(trainer: Trainer, cfg: TrainConfig, knn: dict | None, name: s
         cfg.models_dir,
         arch=cfg.arch,
         train_image_size=cfg.global_size,
-        mean=cfg.mean,
-        std=cfg.std,
-        eval_resize=cfg.eval_resize,
-        eval_crop=cfg.eval_crop,
+        **settings.export_kwargs(),
         provenance=provenance,
         knn=knn,
         int8=cfg.export_int8,
