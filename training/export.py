@@ -136,12 +136,19 @@ def export_backbone(
             knn=knn,
             parity=parity,
         )
-        write_manifest(manifest, tmp)
-        load_manifest(tmp, verify_files=True)  # the reader's own check, before anyone sees it
-        final = models_dir / name
-        publish_dir(tmp, final)
-        log.info("write: %s (%d files) in %.1f s", final, len(files) + 1, time.perf_counter() - t0)
-        return final
+        return _publish(manifest, tmp, models_dir / name, t0)
+
+
+def _publish(manifest: Manifest, staged: Path, final: Path, t0: float) -> Path:
+    """Write the manifest, read it back as a server would (sha256 of every file), then swap the
+    staged folder in."""
+    write_manifest(manifest, staged)
+    load_manifest(staged, verify_files=True)  # the reader's own check, before anyone sees it
+    publish_dir(staged, final)
+    log.info(
+        "write: %s (%d files) in %.1f s", final, len(manifest.files) + 1, time.perf_counter() - t0
+    )
+    return final
 
 
 def _int8_variants(
