@@ -168,7 +168,11 @@ def _locked(args: argparse.Namespace, settings: Settings, lock: DirLock | None) 
     key, dim = transform_key(transform), served_dim(manifest)
     # The server's own engine choice (measured and cached, or forced), so stored vectors and
     # queries come from the same computation.
-    _, engine = choose_engine(model_dir, manifest, settings)
+    choice, engine = choose_engine(model_dir, manifest, settings)
+    # Ray workers open exactly the chosen engine (no measuring of their own).
+    c = choice.candidate
+    pinned = {"engine": c.engine, "precision": c.engine_precision, "model_variant": c.variant}
+    settings = settings.model_copy(update=pinned)
     embed = partial(
         embed_files,
         manifest=manifest,
