@@ -16,6 +16,7 @@ See ``docs/artifact.md``.
 from artifact.files import sha256_file
 from artifact.manifest import (
     FORMAT_VERSION,
+    POOLINGS,
     READABLE_VERSIONS,
     ArtifactError,
     EmbeddingTransformInfo,
@@ -50,6 +51,7 @@ __all__ = [
     "DECODER_META",
     "DECODER_OUTPUT",
     "FORMAT_VERSION",
+    "POOLINGS",
     "INPUT_NAME",
     "INT8_FILE",
     "LAYER_TOKENS",

@@ -18,9 +18,17 @@ from artifact.files import sha256_file, write_text_atomic
 
 # 2: the eval transform is pinned to torchvision's rounding everywhere (parity check, int8 gate,
 #    server) and decoder.json is a typed schema. The files are those of version 1, so version-1
-#    folders are still read (READABLE_VERSIONS); new exports are always written as version 2.
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+#    folders are still read (READABLE_VERSIONS).
+# 3: ``embedding_pooling`` says which vector the ``embedding`` output is (the CLS token, the mean
+#    of the patch tokens, or both concatenated); older folders are read as ``cls``, which is what
+#    their graphs compute. New exports are always written as version 3.
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
+# What the ``embedding`` output is: ``cls`` the backbone's own image vector (a ViT's CLS token, a
+# convnet's pooled features); ``patch_mean`` the mean of the final patch tokens; ``cls+patch_mean``
+# both, concatenated (twice the width), as DINOv2's linear probes read a ViT.
+POOLINGS = ("cls", "patch_mean", "cls+patch_mean")
+Pooling = Literal["cls", "patch_mean", "cls+patch_mean"]
 
 
 class ArtifactError(ValueError):
@@ -117,7 +125,10 @@ class Manifest(Strict):
         "attention, patch_tokens and layer_tokens",
     )
     patch_size: int | None = Field(default=None, gt=0)
-    embed_dim: int = Field(gt=0)
+    embed_dim: int = Field(gt=0, description="the network's width (tokens are this wide)")
+    embedding_pooling: Pooling = Field(
+        default="cls", description="which vector the embedding output is (see POOLINGS)"
+    )
     num_heads: int | None = Field(default=None, gt=0)
     depth: int | None = None
     token_layers: tuple[int, ...] | None = Field(
@@ -163,6 +174,8 @@ class Manifest(Strict):
                 raise ValueError(f"variant {key!r} names {variant.file}, which files does not list")
         if any(s <= 0 for s in self.std):
             raise ValueError("std must be positive")
+        if self.embedding_pooling != "cls" and self.family != "vit":
+            raise ValueError("embedding_pooling other than cls needs a ViT (patch tokens)")
         return self
 
     def _check_token_layers(self) -> None:
@@ -186,6 +199,11 @@ class Manifest(Strict):
     def has_layer_tokens(self) -> bool:
         """Whether the graph gives several blocks' patch tokens (older ViT exports do not)."""
         return names.LAYER_TOKENS in self.outputs
+
+    @property
+    def embedding_dim(self) -> int:
+        """Width of the ``embedding`` output (before any embedding transform)."""
+        return self.embed_dim * (2 if self.embedding_pooling == "cls+patch_mean" else 1)
 
     @property
     def model_sha256(self) -> str:

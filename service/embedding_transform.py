@@ -54,7 +54,7 @@ def served_vectors(transform: EmbeddingTransform | None, raw: np.ndarray) -> np.
 
 def served_dim(manifest: Manifest) -> int:
     info = manifest.embedding_transform
-    return manifest.embed_dim if info is None else info.output_dim
+    return manifest.embedding_dim if info is None else info.output_dim
 
 
 def describe(transform: EmbeddingTransform | None) -> dict:
@@ -88,9 +88,10 @@ def load_transform(model_dir: Path | str, manifest: Manifest) -> EmbeddingTransf
     info = manifest.embedding_transform
     if info is None:
         return None
-    if info.input_dim != manifest.embed_dim:
+    if info.input_dim != manifest.embedding_dim:
         raise ArtifactError(
-            f"embedding_transform.input_dim {info.input_dim} != embed_dim {manifest.embed_dim}"
+            f"embedding_transform.input_dim {info.input_dim} != the embedding width "
+            f"{manifest.embedding_dim}"
         )
     path = Path(model_dir) / info.file
     if path.name != info.file or not path.is_file():

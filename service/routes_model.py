@@ -125,6 +125,7 @@ async def models(rt: ModelRuntimeDep) -> ModelInfo:
         engine_choice=rt.choice.summary() if rt.choice else None,
         served_file=rt.served_file,
         sha256=manifest.model_sha256,
+        served_dim=rt.embed_dim,
         applied_transform=describe(rt.transform),
     )
 

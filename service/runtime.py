@@ -98,7 +98,7 @@ class Runtime:
     @property
     def embed_dim(self) -> int:
         """The dimension of served (and indexed) vectors: the transform's output, if any."""
-        embed_dim = self.loaded_manifest().embed_dim
+        embed_dim = self.loaded_manifest().embedding_dim
         return self.transform.info.output_dim if self.transform else embed_dim
 
     def vectors(self, raw: np.ndarray) -> np.ndarray:

@@ -75,9 +75,14 @@ class ModelInfo(Manifest):
     variant: str
     served_file: str
     sha256: str = Field(description="sha256 of the fp32 file: the identity the index uses")
+    served_dim: int = Field(
+        description="dimension of the vectors /embed returns and the index holds (after the "
+        "embedding transform, if any)"
+    )
     applied_transform: dict = Field(
         default_factory=dict,
-        description="what the server does to the raw CLS embedding before indexing / returning it",
+        description="what the server does to the model's raw embedding before indexing / "
+        "returning it",
     )
     engine_choice: dict[str, Any] | None = Field(
         default=None,

@@ -113,19 +113,24 @@ def _copy_with(tiny_vit_dir, tmp_path, **changes):
     return model
 
 
-def test_new_exports_are_version_2_and_version_1_still_reads(tiny_vit_dir, tmp_path):
-    assert FORMAT_VERSION == 2
-    assert load_manifest(tiny_vit_dir).format_version == 2
-    old = _copy_with(tiny_vit_dir, tmp_path, format_version=1)
-    assert load_manifest(old).format_version == 1  # the same files: read as they are
+def test_new_exports_are_version_3_and_older_versions_still_read(tiny_vit_dir, tmp_path):
+    assert FORMAT_VERSION == 3
+    assert load_manifest(tiny_vit_dir).format_version == 3
+    for version in (1, 2):
+        old = _copy_with(tiny_vit_dir, tmp_path / str(version), format_version=version)
+        data = json.loads((old / MANIFEST_NAME).read_text())
+        del data["embedding_pooling"]  # older exports do not name it: their graphs give CLS
+        (old / MANIFEST_NAME).write_text(json.dumps(data))
+        manifest = load_manifest(old)  # the same files: read as they are
+        assert manifest.format_version == version and manifest.embedding_pooling == "cls"
 
 
 def test_newer_version_is_refused_naming_both_versions_and_the_fix(tiny_vit_dir, tmp_path):
-    newer = _copy_with(tiny_vit_dir, tmp_path, format_version=3, a_new_field=1)
+    newer = _copy_with(tiny_vit_dir, tmp_path, format_version=4, a_new_field=1)
     with pytest.raises(ArtifactError) as info:
         load_manifest(newer)
     message = str(info.value)
-    assert "format_version 3" in message and "reads format_version 1, 2" in message
+    assert "format_version 4" in message and "reads format_version 1, 2, 3" in message
     assert "upgrade this server" in message and "python -m training.export" in message
 
 

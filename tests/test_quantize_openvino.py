@@ -11,7 +11,7 @@ pytest.importorskip("openvino")
 from service_helpers import settings_for  # noqa: E402
 from test_engine_measure import AUTO, _close_to_fp32  # noqa: E402
 
-from artifact import load_manifest  # noqa: E402
+from artifact import INT8_FILE, load_manifest  # noqa: E402
 from artifact.gates import MIN_COSINE  # noqa: E402
 from service.engine_measure import candidates, choose_engine  # noqa: E402
 from training.quantize_openvino import BIN_FILE, XML_FILE, calibration_images  # noqa: E402
@@ -43,7 +43,7 @@ def _export(backbone, store, labels: str | None):
 
 @pytest.fixture(scope="module")
 def ov_int8_dir(tiny_vit, tmp_path_factory):
-    return _export(tiny_vit, tmp_path_factory.mktemp("ov-int8"), labels=None)
+    return _export(tiny_vit, tmp_path_factory.mktemp("ov-int8"), labels=())
 
 
 def test_calibration_images_are_real_and_varied():
@@ -77,8 +77,11 @@ def test_openvino_int8_is_gated_recorded_and_served(ov_int8_dir, tmp_path):
 
 def test_a_variant_failing_the_knn_gate_is_not_written(tiny_vit, tmp_path):
     # A random network's k-NN on digits moves by more than 0.5 points under int8.
-    model_dir = _export(tiny_vit, tmp_path, labels="digits")
+    model_dir = _export(tiny_vit, tmp_path, labels=("digits",))
     manifest = load_manifest(model_dir)
     assert "int8_openvino" not in manifest.variants
     assert not (model_dir / XML_FILE).exists() and not (model_dir / BIN_FILE).exists()
-    assert "int8" in manifest.variants  # the onnxruntime variant is gated on its own
+    # The onnxruntime variant is gated on its own, by the same k-NN rule.
+    for variant in manifest.variants.values():
+        assert variant.knn_change is not None and abs(variant.knn_change) <= 0.5
+    assert ("int8" in manifest.variants) == (model_dir / INT8_FILE).exists()

@@ -93,6 +93,14 @@ FIELD_HELP: dict[str, str] = {
     "knn_k": "neighbours that vote in the k-NN (DINO reports 20).",
     "knn_temperature": "k-NN vote weight exp(similarity / T), as DINO.",
     "knn_batch_size": "images per k-NN forward pass; lower it on out-of-memory.",
+    "embedding_pooling": "the served embedding: cls (DINO's CLS token), patch_mean (mean of the "
+    "patch tokens) or cls+patch_mean (both, twice the width); ViTs only for the latter two. The "
+    "k-NN measures the same vector.",
+    "embedding_centre": "subtract the mean embedding of the training images before L2 "
+    "normalisation (scores of unrelated images near 0); fitted at the end of the run, carried "
+    "by the export, reported by the k-NN beside the raw result.",
+    "embedding_whiten": "also PCA-whiten the centred embedding to this many dimensions "
+    "(implies centring; at most the embedding width); none: no whitening.",
     "export_name": "model name under --models-dir (none: the run folder's name).",
     "models_dir": "model store the export writes to (the server's DINO_MODELS_DIR).",
     "export_int8": "also export an int8 variant, kept only if it agrees with fp32 on photos.",

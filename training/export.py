@@ -66,6 +66,7 @@ from training.onnx_graph import (
     token_layers,
 )
 from training.parity import check_parity, far_parity_inputs, parity_inputs
+from training.pooling import check_pooling
 from training.provenance import git_commit
 from training.quantize import MIN_INT8_COSINE, int8_variant
 from training.quantize_openvino import BIN_FILE, XML_FILE
@@ -95,7 +96,8 @@ def export_backbone(
     int8: bool = False,
     int8_min_cosine: float = MIN_INT8_COSINE,
     int8_openvino: bool = False,
-    int8_labels: str | None = None,
+    int8_labels: Sequence[str] = (),
+    pooling: str = "cls",
 ) -> Path:
     """Export ``backbone`` to ``models_dir/name`` and return that folder.
 
@@ -103,9 +105,11 @@ def export_backbone(
     ``training_config`` (export time, torch version and exporter are added). ``ParityError``
     (nothing written) when onnxruntime and PyTorch disagree. ``int8`` / ``int8_openvino`` add
     int8 variants, each kept only when it passes its gate (``int8_min_cosine`` on the bundled
-    photos; ``int8_labels`` names a labelled set for OpenVINO's k-NN gate).
+    photos; ``int8_labels`` names labelled sets for their k-NN gate). ``pooling``: which vector
+    the ``embedding`` output is (``training.pooling``).
     """
     patch = _check_request(backbone, name, train_image_size, eval_crop)
+    check_pooling(pooling, backbone.family)
     # Validate the cheap parts first so a bad call fails before any work.
     prov = Provenance(
         **provenance, exported_at=_now(), torch_version=torch.__version__, exporter=EXPORTER
@@ -116,7 +120,9 @@ def export_backbone(
     with _staging_folder(models_dir, name) as tmp:
         photo = (round(train_image_size * eval_resize / eval_crop), mean, std)
         what = f"{arch}/{patch}" if patch else arch
-        parity = _write_checked_onnx(model, tmp / MODEL_FILE, what, train_image_size, photo)
+        parity = _write_checked_onnx(
+            model, tmp / MODEL_FILE, what, train_image_size, photo, pooling
+        )
         int8_kinds = (int8, int8_openvino, int8_labels)
         variants = _int8_variants(tmp, backbone, transform, mean, std, int8_min_cosine, int8_kinds)
         t0 = time.perf_counter()
@@ -125,6 +131,7 @@ def export_backbone(
             name=name,
             arch=arch,
             **_network_fields(backbone, patch),
+            embedding_pooling=pooling,
             train_image_size=train_image_size,
             mean=tuple(mean),
             std=tuple(std),
@@ -158,12 +165,12 @@ def _int8_variants(
     mean: Sequence[float],
     std: Sequence[float],
     min_cosine: float,
-    kinds: tuple[bool, bool, str | None],
+    kinds: tuple[bool, bool, Sequence[str]],
 ) -> dict[str, Variant]:
     """The int8 variants asked for, each kept only when it passes its accuracy gate:
     onnxruntime's dynamic int8 and OpenVINO's static int8 (k-NN gate on ``labels`` if named)."""
     dynamic, openvino, labels = kinds
-    variants = int8_variant(folder, transform, mean, std, min_cosine) if dynamic else {}
+    variants = int8_variant(folder, transform, mean, std, min_cosine, labels) if dynamic else {}
     if openvino:
         from training.quantize_openvino import openvino_int8_variant
 
@@ -242,14 +249,14 @@ def _staging_folder(models_dir: Path, name: str) -> Iterator[Path]:
 
 
 def _write_checked_onnx(
-    model: nn.Module, path: Path, what: str, train_image_size: int, photo_eval: tuple
+    model: nn.Module, path: Path, what: str, size: int, photo_eval: tuple, pooling: str
 ) -> list:
     """``model.onnx`` at ``path``, checked by onnx and against PyTorch on shapes around a photo
     preprocessed as ``photo_eval`` = (resize, mean, std) says (``ParityError`` when they
     disagree); returns the parity records for the manifest."""
     patch = model.patch_size if model.family == "vit" else None
     t0 = time.perf_counter()
-    export_onnx(model, path, train_image_size)
+    export_onnx(model, path, size, pooling)
     onnx.checker.check_model(str(path))
     log.info(
         "export: %s -> %s (%.1f MB) in %.1f s",
@@ -260,9 +267,9 @@ def _write_checked_onnx(
     )
     t0 = time.perf_counter()
     resize, mean, std = photo_eval
-    photo = eval_pixels(load_photo("astronaut"), resize, train_image_size, mean, std)
-    inputs = parity_inputs(train_image_size, patch or 32, photo) + far_parity_inputs(model)
-    parity = check_parity(model, path, inputs)
+    photo = eval_pixels(load_photo("astronaut"), resize, size, mean, std)
+    inputs = parity_inputs(size, patch or 32, photo) + far_parity_inputs(model)
+    parity = check_parity(model, path, inputs, pooling)
     log.info(
         "parity: %d shapes in %.1f s, min embedding cosine %.7f",
         len(parity),
@@ -334,6 +341,7 @@ def run(argv: Sequence[str] | None = None) -> Path:
         int8=args.int8,
         int8_openvino=args.int8_openvino,
         int8_labels=args.int8_labels,
+        pooling=args.pooling or config.get("embedding_pooling", "cls"),
     )
     if args.centre_on and not centre_exported(path, args):  # fitted on the published graph
         raise RuntimeError(f"exported {path}, but its embedding transform could not be fitted")

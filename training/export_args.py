@@ -6,9 +6,11 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
+from artifact import POOLINGS
 from artifact.cli import DefaultsHelpFormatter
 from training.centring import add_arguments as add_centring_arguments
 from training.eval_settings import DEFAULT_PATCH_SIZE, IMAGENET_IMAGE_SIZE
+from training.int8_gate import LABELLED_SETS
 
 DESCRIPTION = (
     "Export a backbone to a servable artifact: models/<name>/ holding model.onnx, manifest.json\n"
@@ -30,7 +32,8 @@ def _add_int8_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--int8",
         action="store_true",
-        help="also write a dynamic int8 variant (kept only if it agrees with fp32 on photos)",
+        help="also write a dynamic int8 variant (kept only if embedding cosine vs fp32 >= 0.99 on "
+        "photos and, with --int8-labels, k-NN changes <= 0.5 points)",
     )
     parser.add_argument(
         "--int8-openvino",
@@ -40,10 +43,18 @@ def _add_int8_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--int8-labels",
-        choices=("digits", "fashion-mnist"),
-        default=None,
-        help="labelled set for the OpenVINO int8 k-NN gate (sklearn digits, or Fashion-MNIST's "
-        "test split); default: the cosine gate only",
+        nargs="+",
+        choices=LABELLED_SETS,
+        default=[],
+        help="labelled sets for the int8 variants' k-NN gate (sklearn digits, Fashion-MNIST's "
+        "test split; a variant whose k-NN moves more than 0.5 points on any is dropped); "
+        "default: the cosine gate only",
+    )
+    parser.add_argument(
+        "--pooling",
+        choices=POOLINGS,
+        help="which vector the embedding is: the CLS token, the mean of the patch tokens, or "
+        "both concatenated (ViTs); default: the training run's own, else cls",
     )
 
 

@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -47,9 +46,10 @@ def extract_features(
     bf16: bool = False,
     desc: str = "features",
     show_progress: bool = True,
+    normalise: bool = True,
 ) -> tuple[Tensor, Tensor]:
-    """Run ``model`` over ``dataset`` (items ``(image_tensor, label)``): L2-normalised float32
-    features ``[N, D]`` and int64 labels ``[N]``."""
+    """Run ``model`` over ``dataset`` (items ``(image_tensor, label)``): float32 features
+    ``[N, D]`` (L2-normalised unless ``normalise`` is false) and int64 labels ``[N]``."""
     device = torch.device(device)
     was_training = model.training
     model.eval()
@@ -61,7 +61,8 @@ def extract_features(
     for images, target in tqdm(loader, desc=desc, leave=False, disable=not show_progress):
         with autocast:
             out = model(images.to(device, non_blocking=True))
-        feats.append(F.normalize(out.float(), dim=1).cpu())
+        out = out.float()
+        feats.append((F.normalize(out, dim=1) if normalise else out).cpu())
         labels.append(torch.as_tensor(target))
     model.train(was_training)
     return torch.cat(feats), torch.cat(labels).long()
@@ -99,52 +100,6 @@ def knn_classify(
         top5 += correct[:, : min(5, num_classes)].sum().item()
     n = len(test_features)
     return {"top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n}
-
-
-def evaluate_knn(
-    backbone: nn.Module,
-    train_set: Dataset,
-    test_set: Dataset,
-    *,
-    k: int = 20,
-    temperature: float = 0.07,
-    batch_size: int = 256,
-    num_workers: int = 0,
-    device: str | torch.device = "cpu",
-    bf16: bool = False,
-    show_progress: bool = True,
-) -> dict[str, float]:
-    """Extract features of both sets with ``backbone`` and return accuracy and timing."""
-    t0 = time.perf_counter()
-    kw = dict(
-        batch_size=batch_size,
-        num_workers=num_workers,
-        device=device,
-        bf16=bf16,
-        show_progress=show_progress,
-    )
-    train_f, train_l = extract_features(backbone, train_set, desc="k-NN train features", **kw)
-    test_f, test_l = extract_features(backbone, test_set, desc="k-NN test features", **kw)
-    result = knn_classify(train_f, train_l, test_f, test_l, k=k, temperature=temperature)
-    result.update(
-        k=k,
-        temperature=temperature,
-        n_train=len(train_f),
-        n_test=len(test_f),
-        seconds=round(time.perf_counter() - t0, 2),
-        precision="bf16" if bf16 else "fp32",
-    )
-    log.info(
-        "k-NN (k=%d, T=%.2f): top-1 %.2f%%, top-5 %.2f%% on %d test / %d train images (%.1f s)",
-        k,
-        temperature,
-        result["top1"],
-        result["top5"],
-        result["n_test"],
-        result["n_train"],
-        result["seconds"],
-    )
-    return result
 
 
 def save_result(result: dict, path: str | Path) -> None:
@@ -275,6 +230,7 @@ def _knn_sets(args: argparse.Namespace, cfg: TrainConfig | None, settings: EvalS
 def run(argv: Sequence[str] | None = None) -> dict:
     """The k-NN command; raises on bad input (see ``main`` for the exit statuses)."""
     from training.checkpoints import read_checkpoint
+    from training.knn_served import evaluate_served_knn, served_embedding
     from training.precision import resolve_precision
 
     args = _parse(argv)
@@ -292,10 +248,11 @@ def run(argv: Sequence[str] | None = None) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu":  # as training.run does: compute threads only on the cores workers leave
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) - args.num_workers))
-    result = evaluate_knn(
+    result, _ = evaluate_served_knn(
         backbone.to(device),
         train_set,
         test_set,
+        **served_embedding(cfg),
         k=args.k,
         temperature=args.temperature,
         batch_size=args.batch_size,

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from artifact import INPUT_NAME, LAYER_TOKENS, RESNET_OUTPUTS, VIT_OUTPUTS
+from training.pooling import check_pooling, pool
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +55,11 @@ class FeatureGraph(nn.Module):
     that method stays the one definition of the other outputs.
     """
 
-    def __init__(self, backbone: nn.Module) -> None:
+    def __init__(self, backbone: nn.Module, pooling: str = "cls") -> None:
         super().__init__()
+        check_pooling(pooling, backbone.family)
         self.backbone = backbone
+        self.pooling = pooling  # which vector ``embedding`` is (training.pooling)
         self.is_vit = backbone.family == "vit"
         self.token_layers = token_layers(backbone) or ()
         assert not self.is_vit or self.token_layers[-1] == len(backbone.blocks) - 1
@@ -82,7 +85,7 @@ class FeatureGraph(nn.Module):
         norm = self.backbone.norm
         prefix = getattr(self.backbone, "n_prefix_tokens", 1)  # CLS and any register tokens
         layers = torch.stack([norm(t)[:, prefix:] for t in seen] + [patches], dim=1)
-        return embedding, patches, attention, layers
+        return pool(embedding, patches, self.pooling), patches, attention, layers
 
 
 def output_names(backbone: nn.Module) -> tuple[str, ...]:
@@ -134,7 +137,7 @@ def trace_to_onnx(
         )
 
 
-def export_onnx(backbone: nn.Module, path: Path, image_size: int) -> None:
+def export_onnx(backbone: nn.Module, path: Path, image_size: int, pooling: str = "cls") -> None:
     """Write ``backbone`` (a CPU float32 eval copy, see ``inference_copy``) to ``path``.
 
     Traced at batch 2 so no batch-1 shortcut is baked in; B, H and W stay dynamic.
@@ -147,5 +150,6 @@ def export_onnx(backbone: nn.Module, path: Path, image_size: int) -> None:
         )
     names = output_names(backbone)
     sample = torch.randn(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
-    trace_to_onnx(FeatureGraph(backbone), sample, path, INPUT_NAME, names, dynamic_axes(names))
+    graph = FeatureGraph(backbone, pooling)
+    trace_to_onnx(graph, sample, path, INPUT_NAME, names, dynamic_axes(names))
     log.debug("wrote %s (%d bytes)", path, path.stat().st_size)

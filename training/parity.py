@@ -131,14 +131,14 @@ def far_parity_inputs(backbone: nn.Module, seed: int = 1) -> list[np.ndarray]:
 
 
 def check_parity(
-    backbone: nn.Module, onnx_path: Path, inputs: Sequence[np.ndarray]
+    backbone: nn.Module, onnx_path: Path, inputs: Sequence[np.ndarray], pooling: str = "cls"
 ) -> tuple[ParityCheck, ...]:
     """Run PyTorch and onnxruntime on each input; raise ``ParityError`` if an embedding's cosine
     or a layer token's (ViT ``layer_tokens``: what ``/distance`` compares) falls below
     ``MIN_FP32_COSINE``, or any output's shape differs."""
     session = ort_session(onnx_path)
     names = [o.name for o in session.get_outputs()]
-    graph = FeatureGraph(backbone).eval()
+    graph = FeatureGraph(backbone, pooling).eval()
     checks = []
     for x in inputs:
         with torch.no_grad():

@@ -12,6 +12,8 @@ import numpy as np
 
 from artifact import INPUT_NAME, INT8_FILE, MODEL_FILE, EvalTransform, Variant
 from artifact.cosine import row_cosines
+from artifact.gates import MAX_KNN_CHANGE
+from training.int8_gate import knn_change
 from training.parity import PHOTO_NAMES, ort_session, photo_batch
 
 log = logging.getLogger(__name__)
@@ -83,6 +85,7 @@ def int8_variant(
     mean: Sequence[float],
     std: Sequence[float],
     threshold: float,
+    labelled: Sequence[str] = (),
 ) -> dict[str, Variant]:
     """Quantise ``tmp/model.onnx`` into ``tmp/model.int8.onnx`` and return the manifest's
     ``variants`` entry, or ``{}`` (file removed, warning logged) when it is not close enough."""
@@ -98,16 +101,20 @@ def int8_variant(
         return {}
     photos = photo_batch(PHOTO_NAMES, transform, mean, std)
     result = compare_int8(tmp / MODEL_FILE, int8_path, photos, threshold)
+    change = _knn_change(tmp, labelled, transform, mean, std) if result.kept else None
     took = time.perf_counter() - t0
-    if not result.kept:
+    if not result.kept or (change is not None and not abs(change) <= MAX_KNN_CHANGE):
         int8_path.unlink(missing_ok=True)
         log.warning(
             "quantize: int8 SKIPPED: min embedding cosine vs fp32 %.5f (mean %.5f) on %d photos "
-            "is below %.3f; the artifact has the fp32 model only (%.1f s)",
+            "(gate %.3f), k-NN change %s (gate %.1f points); the artifact has the fp32 model "
+            "only (%.1f s)",
             result.cosine_min,
             result.cosine_mean,
             len(photos),
             threshold,
+            change,
+            MAX_KNN_CHANGE,
             took,
         )
         return {}
@@ -125,5 +132,16 @@ def int8_variant(
         precision="int8",
         embedding_cosine_min=result.cosine_min,
         embedding_cosine_mean=result.cosine_mean,
+        knn_change=change,
     )
     return {"int8": variant}
+
+
+def _knn_change(tmp: Path, labelled: Sequence[str], t: EvalTransform, mean, std) -> float | None:
+    """The k-NN gate's number for the dynamic int8 file (``None`` without labelled sets)."""
+    fp32, int8 = ort_session(tmp / MODEL_FILE), ort_session(tmp / INT8_FILE)
+
+    def runner(session):
+        return lambda px: session.run(["embedding"], {INPUT_NAME: px})[0]
+
+    return knn_change(runner(fp32), runner(int8), labelled, t, mean, std, "onnxruntime int8")

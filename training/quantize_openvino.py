@@ -26,7 +26,7 @@ from artifact import INPUT_NAME, MODEL_FILE, EvalTransform, Variant
 from artifact.cosine import row_cosines
 from artifact.gates import MAX_KNN_CHANGE, MIN_COSINE
 from artifact.photos import load_photo
-from artifact.transform import eval_pixels
+from training.int8_gate import FMNIST_DIR, knn_change, prepare
 from training.parity import PHOTO_NAMES, ort_session, photo_batch
 
 log = logging.getLogger(__name__)
@@ -35,8 +35,6 @@ VARIANT_KEY = "int8_openvino"
 XML_FILE = "model.int8_openvino.xml"
 BIN_FILE = "model.int8_openvino.bin"
 CALIBRATION_IMAGES = 300
-LABELLED_SETS = ("digits", "fashion-mnist")
-FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 
 @functools.cache
@@ -128,67 +126,33 @@ def _ort_embed(onnx_path: Path, pixels: np.ndarray, batch: int = 32) -> np.ndarr
     return np.concatenate(parts)
 
 
-def labelled_set(name: str, limit: int = 2000) -> tuple[list[Image.Image], np.ndarray]:
-    """Images and labels of a labelled set for the k-NN gate: sklearn's digits (1,797 8x8
-    scans, no download) or Fashion-MNIST's test split (the first ``limit``)."""
-    if name == "digits":
-        from sklearn.datasets import load_digits
-
-        digits = load_digits()
-        images = (digits.images * (255 / 16)).astype(np.uint8)[:limit]
-        labels = digits.target[:limit]
-    elif name == "fashion-mnist":
-        from training.data import load_fashion_mnist
-
-        test = load_fashion_mnist(FMNIST_DIR)[1]
-        images, labels = test.images[:limit], test.labels[:limit]  # type: ignore[attr-defined]
-    else:
-        raise ValueError(f"labelled set must be one of {LABELLED_SETS}, got {name!r}")
-    return [Image.fromarray(a).convert("RGB") for a in images], np.asarray(labels, np.int64)
-
-
-def knn_top1(features: np.ndarray, labels: np.ndarray) -> float:
-    """DINO's weighted k-NN top-1 (k=20, T=0.07), first two thirds as memory, rest as queries."""
-    import torch
-
-    from training.knn import knn_classify
-
-    feats = features / np.linalg.norm(features, axis=1, keepdims=True).clip(1e-12)
-    split = len(feats) * 2 // 3
-    f, y = torch.from_numpy(feats.astype(np.float32)), torch.from_numpy(labels)
-    return knn_classify(f[:split], y[:split], f[split:], y[split:])["top1"]
-
-
-def _prep(images: Sequence[Image.Image], t: EvalTransform, mean, std) -> np.ndarray:
-    return np.stack([eval_pixels(i, t.resize, t.crop, mean, std, t.interpolation) for i in images])
-
-
 def openvino_int8_variant(
     tmp: Path,
     transform: EvalTransform,
     mean: Sequence[float],
     std: Sequence[float],
     transformer: bool,
-    labelled: str | None = None,
+    labelled: Sequence[str] = (),
     calibration: int = CALIBRATION_IMAGES,
 ) -> dict[str, Variant]:
     """Quantise ``tmp/model.onnx`` for OpenVINO and return the manifest's ``variants`` entry,
     or ``{}`` (files removed, warning logged) when it fails its gate."""
     t0 = time.perf_counter()
     xml = tmp / XML_FILE
-    pixels = _prep(list(calibration_images(calibration)), transform, mean, std)
+    pixels = prepare(list(calibration_images(calibration)), transform, mean, std)
     quantize_openvino(tmp / MODEL_FILE, xml, list(pixels), transformer)
     photos = photo_batch(PHOTO_NAMES, transform, mean, std)
     cos = row_cosines(_ort_embed(tmp / MODEL_FILE, photos), _ov_embed(xml, photos))
     cos_min, cos_mean = float(cos.min()), float(cos.mean())
-    change = None
-    if labelled is not None:
-        images, labels = labelled_set(labelled)
-        pix = _prep(images, transform, mean, std)
-        fp32 = knn_top1(_ort_embed(tmp / MODEL_FILE, pix), labels)
-        change = round(knn_top1(_ov_embed(xml, pix), labels) - fp32, 3)
-        log.info("quantize: OpenVINO int8 k-NN on %s: fp32 %.2f %%, change %+.2f points",
-                 labelled, fp32, change)  # fmt: skip
+    change = knn_change(
+        lambda px: _ort_embed(tmp / MODEL_FILE, px),
+        lambda px: _ov_embed(xml, px),
+        labelled,
+        transform,
+        mean,
+        std,
+        "OpenVINO int8",
+    )
     took = time.perf_counter() - t0
     kept = cos_min >= MIN_COSINE and (change is None or abs(change) <= MAX_KNN_CHANGE)
     if not kept:

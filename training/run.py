@@ -45,6 +45,9 @@ RESUMABLE_OVERRIDES = {
     "export_name",
     "models_dir",
     "export_int8",
+    "embedding_pooling",
+    "embedding_centre",
+    "embedding_whiten",
     "time_budget_min",
     "precision",
     "threads",
@@ -142,7 +145,7 @@ def export_teacher(trainer: Trainer, cfg: TrainConfig, knn: dict | None, name: s
         "training_config": cfg.to_dict(),
         "checkpoint_sha256": sha256_file(ckpt) if ckpt.is_file() else None,
     }
-    return export_backbone(
+    path = export_backbone(
         trainer.teacher.backbone,
         name,
         cfg.models_dir,
@@ -152,7 +155,26 @@ def export_teacher(trainer: Trainer, cfg: TrainConfig, knn: dict | None, name: s
         provenance=provenance,
         knn=knn,
         int8=cfg.export_int8,
+        pooling=cfg.embedding_pooling,
     )
+    if cfg.embedding_centre or cfg.embedding_whiten:
+        _store_transform(trainer, cfg, path)
+    return path
+
+
+def _store_transform(trainer: Trainer, cfg: TrainConfig, path: Path) -> None:
+    """The embedding transform beside the exported model: the one the k-NN fitted and measured,
+    or, without labels (no k-NN), one fitted now on the training images through the graph."""
+    from training.centring import add_transform, write_transform
+
+    fit = trainer.embedding_fit
+    if fit is None:
+        add_transform(path, "training", cfg.embedding_whiten)
+        return
+    what = f"training images ({cfg.dataset}), the k-NN's memory set"
+    info = write_transform(path, fit.mean, fit.projection, fit.images, what)
+    log.info("embedding transform: %s to %d dims, stored with the model", info.kind,
+             info.output_dim)  # fmt: skip
 
 
 def set_threads(cfg: TrainConfig, dist: DistInfo) -> int:

@@ -26,7 +26,7 @@ from training.checkpoints import read_checkpoint, save_atomic
 from training.config import TrainConfig
 from training.distributed import DistInfo, all_reduce_mean, any_rank, barrier, broadcast_object
 from training.head import cancel_last_layer_gradients, get_params_groups
-from training.knn import evaluate_knn
+from training.knn_served import FittedTransform, evaluate_served_knn, served_embedding
 from training.koleo import koleo_per_crop
 from training.loss import DINOLoss
 from training.masked_patches import PatchDistillLoss, draw_patch_masks
@@ -80,6 +80,7 @@ class Trainer:
         self.batch_aug, self.ncrops = data.batch_aug, data.n_crops
         self.batch_per_rank = data.batch_per_rank
         self.knn_sets = knn_eval_sets(cfg, knn_sets)
+        self.embedding_fit: FittedTransform | None = None  # the last k-NN's, for the export
         self.student_plain, self.student, self.teacher = build_student_teacher(cfg, self.dist)
         self._build_optimisation()
         self.state = TrainState()
@@ -355,9 +356,10 @@ class Trainer:
             return None
         result = None
         if self.dist.is_main:
-            result = evaluate_knn(
+            result, self.embedding_fit = evaluate_served_knn(
                 self.teacher.backbone,
                 *self.knn_sets,
+                **served_embedding(self.cfg),
                 k=self.cfg.knn_k,
                 temperature=self.cfg.knn_temperature,
                 batch_size=self.cfg.knn_batch_size,
@@ -377,8 +379,6 @@ class Trainer:
         if self.dist.is_main:
             self.metrics.write(row)
 
-    # ------------------------------------------------------------ checkpoints
-
     @property
     def checkpoint_path(self) -> Path:
         return self.run_dir / CHECKPOINT_NAME
@@ -392,8 +392,7 @@ class Trainer:
         """Restore everything a resumed run needs to take the same next step."""
         path = Path(path or self.checkpoint_path)
         saved = read_checkpoint(path)
-        state = restore_training_state(self._parts(), saved, path, len(self.loader))
-        self.state = state
+        self.state = state = restore_training_state(self._parts(), saved, path, len(self.loader))
         self.build_schedules(state.plan)
         d = self.dist
         restore_rng(saved, is_main=d.is_main, seed=self.cfg.seed, rank=d.rank, epoch=state.epoch)

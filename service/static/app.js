@@ -278,7 +278,7 @@ function init() {
   }, { once: false });
   api("models").then((r) => r.json()).then((m) => {
     $("#model-info").textContent = `model ${m.name} · ${m.arch}` +
-      (m.patch_size ? `/${m.patch_size}` : "") + ` · ${m.embed_dim}-d embeddings` +
+      (m.patch_size ? `/${m.patch_size}` : "") + ` · ${m.served_dim ?? m.embed_dim}-d embeddings` +
       (m.n_register_tokens ? ` · ${m.n_register_tokens} ${m.lineage === "dinov3" ? "storage" : "register"} tokens (not in the maps)` : "") +
       (m.embedding_transform ? ` · ${m.embedding_transform.kind === "whiten" ? "whitened" : "centred"} to ${m.embedding_transform.output_dim}-d` : "");
   }).catch((e) => { $("#model-info").textContent = `model not ready: ${e.message}`; });
