@@ -68,7 +68,7 @@ from training.onnx_graph import (
 from training.parity import check_parity, far_parity_inputs, parity_inputs
 from training.provenance import git_commit
 from training.quantize import MIN_INT8_COSINE, int8_variant
-from training.quantize_openvino import BIN_FILE, XML_FILE
+from training.quantize_openvino import BIN_FILE, CALIBRATION_IMAGES, XML_FILE
 
 # OpenVINO static int8 IR files (--int8-openvino).
 OPENVINO_INT8_FILES = (XML_FILE, BIN_FILE)
@@ -96,6 +96,7 @@ def export_backbone(
     int8_min_cosine: float = MIN_INT8_COSINE,
     int8_openvino: bool = False,
     int8_labels: str | None = None,
+    int8_calibration: int = CALIBRATION_IMAGES,
 ) -> Path:
     """Export ``backbone`` to ``models_dir/name`` and return that folder.
 
@@ -103,7 +104,8 @@ def export_backbone(
     ``training_config`` (export time, torch version and exporter are added). ``ParityError``
     (nothing written) when onnxruntime and PyTorch disagree. ``int8`` / ``int8_openvino`` add
     int8 variants, each kept only when it passes its gate (``int8_min_cosine`` on the bundled
-    photos; ``int8_labels`` names a labelled set for OpenVINO's k-NN gate).
+    photos; ``int8_labels`` names a labelled set for OpenVINO's k-NN gate; ``int8_calibration``
+    is how many images calibrate OpenVINO's static int8).
     """
     patch = _check_request(backbone, name, train_image_size, eval_crop)
     # Validate the cheap parts first so a bad call fails before any work.
@@ -117,7 +119,7 @@ def export_backbone(
         photo = (round(train_image_size * eval_resize / eval_crop), mean, std)
         what = f"{arch}/{patch}" if patch else arch
         parity = _write_checked_onnx(model, tmp / MODEL_FILE, what, train_image_size, photo)
-        int8_kinds = (int8, int8_openvino, int8_labels)
+        int8_kinds = (int8, int8_openvino, int8_labels, int8_calibration)
         variants = _int8_variants(tmp, backbone, transform, mean, std, int8_min_cosine, int8_kinds)
         t0 = time.perf_counter()
         files = _file_entries(tmp)
@@ -158,17 +160,20 @@ def _int8_variants(
     mean: Sequence[float],
     std: Sequence[float],
     min_cosine: float,
-    kinds: tuple[bool, bool, str | None],
+    kinds: tuple[bool, bool, str | None, int],
 ) -> dict[str, Variant]:
     """The int8 variants asked for, each kept only when it passes its accuracy gate:
-    onnxruntime's dynamic int8 and OpenVINO's static int8 (k-NN gate on ``labels`` if named)."""
-    dynamic, openvino, labels = kinds
+    onnxruntime's dynamic int8 and OpenVINO's static int8 (k-NN gate on ``labels`` if named,
+    calibrated on ``calibration`` images)."""
+    dynamic, openvino, labels, calibration = kinds
     variants = int8_variant(folder, transform, mean, std, min_cosine) if dynamic else {}
     if openvino:
         from training.quantize_openvino import openvino_int8_variant
 
         vit = backbone.family == "vit"
-        variants |= openvino_int8_variant(folder, transform, mean, std, vit, labels)
+        variants |= openvino_int8_variant(
+            folder, transform, mean, std, vit, labels, calibration, min_cosine
+        )
     return variants
 
 
