@@ -38,6 +38,8 @@ ENGINES = [
     ("onnxruntime-fp32", {"engine": "onnxruntime", "precision": "fp32"}),
     ("openvino-bf16", {"engine": "openvino", "precision": "bf16"}),
 ]
+# The default settings, explicit: a DINO_* variable in the caller's environment must not force it.
+AUTO_ENV = {"engine": "auto", "precision": "auto", "model_variant": "auto"}
 RAW_BATCHES = (1, 8, 16)  # 8: the server's default DINO_MAX_BATCH; 16 in case it is faster
 
 
@@ -248,13 +250,15 @@ def _auto_result(spec, folder: Path, bodies, threads: int, mode: Mode, torch_bes
     load, compared with that raw engine."""
     with tempfile.TemporaryDirectory(prefix="bench-http-") as tmp:
         data = Path(tmp) / "data"
-        with Server(folder.parent, folder.name, data, threads) as server:
+        with Server(folder.parent, folder.name, data, threads, **AUTO_ENV) as server:
             first_start_s, choice = server.cold_start_s, _engine_choice(server)
+        if choice["how"] != "measured":
+            raise RuntimeError(f"the default settings did not measure the engines: {choice}")
         log.info("server auto: chose %s %s (%s) in %.2f s", choice["engine"],
                  choice["precision"], choice["variant"], first_start_s)  # fmt: skip
         env = {k: choice[k] for k in ("engine", "precision")}
         raw = _raw_best({**env, "model_variant": choice["variant"]}, folder, threads, mode)
-        with Server(folder.parent, folder.name, data, threads) as server:
+        with Server(folder.parent, folder.name, data, threads, **AUTO_ENV) as server:
             again = _engine_choice(server)
             if again["how"] != "cached" or again["variant"] != choice["variant"]:
                 raise RuntimeError(f"the restart did not reuse the cached choice: {again}")
