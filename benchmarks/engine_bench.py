@@ -24,7 +24,7 @@ REFERENCE = "ort_fp32"
 BASELINE = "torch_fp32"
 # k-NN runs over the servable reduced-precision paths; fp32 ones agree with the reference to ~1e-6.
 EMBED_DIMS = {"vit_tiny": 192, "vit_small": 384, "vit_base": 768}
-KNN_PATHS = ("ort_fp32", "ort_int8", "ov_bf16")
+KNN_PATHS = ("ort_fp32", "ort_int8", "ov_bf16", "ov_int8")
 
 
 def knn_loo(features: np.ndarray, labels: np.ndarray, k: int = 20, t: float = 0.07) -> float:

@@ -1,7 +1,9 @@
 """HTTP section: /embed end to end (JPEG upload, decode, preprocess, batched inference, JSON)
 against a live ``python -m service`` at several concurrencies, as a ratio of the same engine run
 in-process at its best (batch size and, for OpenVINO, streams; measured just before, in the same
-run) and of PyTorch eager fp32 (from the engine section); /attention latency; cold start.
+run) and of PyTorch eager fp32 (from the engine section); /attention latency; cold start. Each
+fixed engine, then the default settings (``auto``: the server measures its candidates and serves
+the fastest; the row names what it chose, from GET /models, and compares with that raw engine).
 
 The load generator (``benchmarks.loadgen``'s closed-loop clients, one image per request, requests
 encoded once) runs in this process on the same cores as the server, as a client on the same host
@@ -19,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlparse
 
+import httpx
 import numpy as np
 
 from benchmarks.artifacts import model_dir, spec_for
@@ -35,6 +38,8 @@ ENGINES = [
     ("onnxruntime-fp32", {"engine": "onnxruntime", "precision": "fp32"}),
     ("openvino-bf16", {"engine": "openvino", "precision": "bf16"}),
 ]
+# The default settings, explicit: a DINO_* variable in the caller's environment must not force it.
+AUTO_ENV = {"engine": "auto", "precision": "auto", "model_variant": "auto"}
 RAW_BATCHES = (1, 8, 16)  # 8: the server's default DINO_MAX_BATCH; 16 in case it is faster
 
 
@@ -108,6 +113,8 @@ def _raw_best(env: dict[str, str], folder: Path, threads: int, mode: Mode) -> di
     from service.engine_choice import open_engine, openvino_streams
 
     manifest = load_manifest(folder)
+    variant = env.get("model_variant", "fp32")
+    precision = "fp32" if env["precision"] == "int8" else env["precision"]  # int8 file: fp32 hint
     streams = [1]
     if env["engine"] == "openvino":
         streams = sorted({1, openvino_streams(0, threads)})
@@ -116,7 +123,7 @@ def _raw_best(env: dict[str, str], folder: Path, threads: int, mode: Mode) -> di
     batches = RAW_BATCHES if not mode.smoke else (1, 2)
     pixels = {b: rng.standard_normal((b, 3, size, size)).astype(np.float32) for b in batches}
     engines = {
-        n: open_engine(folder, manifest, "fp32", threads, env["engine"], env["precision"], n)
+        n: open_engine(folder, manifest, variant, threads, env["engine"], precision, n)
         for n in streams
     }
     seen: dict[tuple[int, int], list[float]] = {}
@@ -188,27 +195,37 @@ def _embed_row(server, bodies, c: int, mode: Mode, raw_img_s: float, torch_best,
     return r
 
 
+def _check_engine(server: Server, engine: str, label: str) -> None:
+    """Settings ignore unknown variables: prove the server runs the engine we label."""
+    ov_loaded = "with OpenVINO" in server.log_path.read_text(errors="replace")
+    if ov_loaded != (engine == "openvino"):
+        raise RuntimeError(f"server engine is not {label}; see {server.log_path}")
+
+
+def _load_rows(server: Server, bodies, mode: Mode, raw_img_s: float, torch_best, pre_ms: float,
+               threads: int) -> list[dict]:  # fmt: skip
+    """/embed at each concurrency, then /attention at 1."""
+    rows = [
+        _embed_row(server, bodies, c, mode, raw_img_s, torch_best, pre_ms, threads)
+        for c in mode.concurrency
+    ]
+    half = mode.http_seconds / 2
+    att = asyncio.run(measure_load(server.url, "/attention", bodies[:1], 1, half, "image"))
+    rows.append({**att, "endpoint": "/attention", "concurrency": 1, "img_s": att["req_s"]})
+    return rows
+
+
 def _server_result(label: str, env: dict, spec, folder: Path, bodies, threads: int, mode: Mode,
                    torch_best, pre_ms: float) -> dict:  # fmt: skip
     """Start a server on one engine and measure /embed at each concurrency, then /attention."""
     raw = _raw_best(env, folder, threads, mode)
-    raw_img_s = raw["raw_best_img_s"]
     with (
         tempfile.TemporaryDirectory(prefix="bench-http-") as tmp,
         Server(folder.parent, folder.name, Path(tmp) / "data", threads, **env) as server,
     ):
         log.info("server %s ready in %.2f s", label, server.cold_start_s)
-        # Settings ignore unknown variables: prove the server runs the engine we label.
-        ov_loaded = "with OpenVINO" in server.log_path.read_text(errors="replace")
-        if ov_loaded != (env["engine"] == "openvino"):
-            raise RuntimeError(f"server engine is not {label}; see {server.log_path}")
-        rows = [
-            _embed_row(server, bodies, c, mode, raw_img_s, torch_best, pre_ms, threads)
-            for c in mode.concurrency
-        ]
-        half = mode.http_seconds / 2
-        att = asyncio.run(measure_load(server.url, "/attention", bodies[:1], 1, half, "image"))
-        rows.append({**att, "endpoint": "/attention", "concurrency": 1, "img_s": att["req_s"]})
+        _check_engine(server, env["engine"], label)
+        rows = _load_rows(server, bodies, mode, raw["raw_best_img_s"], torch_best, pre_ms, threads)
         return {
             "engine": label,
             "model": spec.label,
@@ -217,6 +234,52 @@ def _server_result(label: str, env: dict, spec, folder: Path, bodies, threads: i
             "torch_fp32_best_img_s": torch_best,
             "load": rows,
         }
+
+
+def _engine_choice(server: Server) -> dict:
+    resp = httpx.get(f"{server.url}/models", timeout=30.0)
+    resp.raise_for_status()
+    return resp.json()["engine_choice"]
+
+
+def _auto_result(spec, folder: Path, bodies, threads: int, mode: Mode, torch_best,
+                 pre_ms: float) -> dict:  # fmt: skip
+    """Default settings: a first start measures the candidates (GET /models says which won and
+    their img/s); the engine it chose is then measured raw, in-process, with the server stopped;
+    a restart on the same data folder (choice and OpenVINO's compiled models cached) takes the
+    load, compared with that raw engine."""
+    with tempfile.TemporaryDirectory(prefix="bench-http-") as tmp:
+        data = Path(tmp) / "data"
+        with Server(folder.parent, folder.name, data, threads, **AUTO_ENV) as server:
+            first_start_s, choice = server.cold_start_s, _engine_choice(server)
+        if choice["how"] != "measured":
+            raise RuntimeError(f"the default settings did not measure the engines: {choice}")
+        log.info("server auto: chose %s %s (%s) in %.2f s", choice["engine"],
+                 choice["precision"], choice["variant"], first_start_s)  # fmt: skip
+        env = {k: choice[k] for k in ("engine", "precision")}
+        raw = _raw_best({**env, "model_variant": choice["variant"]}, folder, threads, mode)
+        with Server(folder.parent, folder.name, data, threads, **AUTO_ENV) as server:
+            again = _engine_choice(server)
+            if again["how"] != "cached" or again["variant"] != choice["variant"]:
+                raise RuntimeError(f"the restart did not reuse the cached choice: {again}")
+            _check_engine(server, choice["engine"], f"auto ({choice['engine']})")
+            rows = _load_rows(
+                server, bodies, mode, raw["raw_best_img_s"], torch_best, pre_ms, threads
+            )
+            restart_s = server.cold_start_s
+    return {
+        "engine": "auto",
+        "model": spec.label,
+        "chose": {k: choice[k] for k in ("engine", "precision", "variant")},
+        "candidates_img_s": choice["images_per_s"],
+        "refused_variants": choice["refused_variants"],
+        "measured_s": choice["measured_s"],
+        "cold_start_s": first_start_s,
+        "restart_s": restart_s,
+        **raw,
+        "torch_fp32_best_img_s": torch_best,
+        "load": rows,
+    }
 
 
 def run(mode: Mode, threads: int, so_far: dict) -> dict:
@@ -235,4 +298,6 @@ def run(mode: Mode, threads: int, so_far: dict) -> dict:
         out["servers"].append(
             _server_result(label, env, spec, folder, bodies, threads, mode, torch_best, pre_ms)
         )
+    if len(engines) == len(ENGINES):  # a server that chooses its engine by measurement
+        out["servers"].append(_auto_result(spec, folder, bodies, threads, mode, torch_best, pre_ms))
     return out

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.artifacts import ModelSpec, build_torch
+from benchmarks.artifacts import ModelSpec, build_torch, openvino_int8_possible
 from benchmarks.common import has_module
 
 log = logging.getLogger(__name__)
@@ -33,6 +33,7 @@ PATHS = {
     "ort_int8": PathInfo("ort_int8", "int8", True, "onnxruntime, the artifact's dynamic int8 file"),
     "ov_fp32": PathInfo("ov_fp32", "fp32", True, "OpenVINO fp32, same model.onnx"),
     "ov_bf16": PathInfo("ov_bf16", "bf16", True, "OpenVINO bf16 inference precision, same ONNX"),
+    "ov_int8": PathInfo("ov_int8", "int8", True, "OpenVINO, the artifact's NNCF static int8 IR"),
 }
 
 
@@ -41,6 +42,9 @@ def available_paths() -> list[str]:
     if not has_module("openvino"):
         log.warning("openvino is not installed (pip install '.[fast]'): OpenVINO paths skipped")
         names = [n for n in names if not n.startswith("ov_")]
+    elif not openvino_int8_possible():
+        log.warning("nncf is not installed (pip install '.[train]'): ov_int8 skipped")
+        names.remove("ov_int8")
     return names
 
 
@@ -64,6 +68,11 @@ def make_path(name: str, spec: ModelSpec, model_dir: Path, threads: int) -> Embe
 
         file = MODEL_FILE if name == "ort_fp32" else INT8_FILE
         engine = OrtEngine(model_dir / file, threads, INPUT_NAME)
+    elif name == "ov_int8":  # other ops in fp32, as the server runs it and its gate measured
+        from service.engine_openvino import OpenVinoEngine
+        from training.quantize_openvino import XML_FILE
+
+        engine = OpenVinoEngine(model_dir / XML_FILE, threads, INPUT_NAME, "fp32")
     elif name.startswith("ov_"):
         from service.engine_openvino import OpenVinoEngine
 

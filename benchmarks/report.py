@@ -78,6 +78,8 @@ def _http(http: dict) -> list[str]:
             f"img/s (batch {server['raw_best_batch']}, {server.get('raw_best_streams', 1)} "
             "stream(s)); client_cpu_ms: the load generator's own CPU per request, on the same cores"
         )
+        if "chose" in server:
+            lines += ["", _auto_line(server)]
         lines.append("")
         cols = ["endpoint", "concurrency", "req_s", "img_s", "p50_ms", "p95_ms", "p99_ms"]
         cols += ["x_raw_engine", "cpu_ceiling", "x_torch_fp32", "client_cpu_ms"]
@@ -85,6 +87,21 @@ def _http(http: dict) -> list[str]:
         lines += table(server["load"], cols)
         lines.append("")
     return lines
+
+
+def _auto_line(server: dict) -> str:
+    """What the default-settings server chose, from what, and its two start-up times."""
+    c = server["chose"]
+    rates = ", ".join(f"{k} {_fmt(v)}" for k, v in server["candidates_img_s"].items())
+    refused = "; ".join(f"{k}: {why}" for k, why in server["refused_variants"].items())
+    return (
+        f"Default settings chose **{c['engine']} {c['precision']}** (file variant "
+        f"`{c['variant']}`) from candidates measured at start ({rates} img/s, in "
+        f"{_fmt(server['measured_s'])} s); refused: {refused or 'none'}. First start "
+        f"{_fmt(server['cold_start_s'])} s (measurement included), restart on the same data "
+        f"folder {_fmt(server['restart_s'])} s (choice and compiled models cached); x_raw_engine "
+        "below is against the engine it chose."
+    )
 
 
 def _search(search: dict) -> list[str]:

@@ -15,6 +15,8 @@ them follow the same choice.
 from __future__ import annotations
 
 import logging
+import shutil
+import time
 from pathlib import Path
 from typing import Protocol
 
@@ -28,6 +30,7 @@ log = logging.getLogger(__name__)
 
 ENGINES = ("auto", "onnxruntime", "openvino")
 PRECISIONS = ("auto", "fp32", "bf16")
+OPENVINO_CACHE = "openvino-cache"  # under DINO_DATA_DIR: OpenVINO's compiled models
 
 
 class Engine(Protocol):
@@ -89,6 +92,25 @@ def openvino_streams(streams: int, threads: int) -> int:
     return max(1, min(streams, threads))
 
 
+def openvino_cache(root: Path | None, manifest: Manifest) -> Path | None:
+    """This model's folder of OpenVINO compiled blobs under ``root`` (the server's
+    ``DINO_DATA_DIR/openvino-cache``), named after the model's sha256 so that a new model never
+    meets an old blob (OpenVINO's own key adds the file's path, size and time, the config and
+    its version). Other models' folders are removed: a data folder serves one model, and each
+    blob is about the model's size. ``None`` (no root): no cache."""
+    if root is None:
+        return None
+    folder = Path(root) / manifest.model_sha256[:16]
+    try:
+        stale = [p for p in Path(root).iterdir() if p.is_dir() and p.name != folder.name]
+    except OSError:  # not there yet (created on first compile) or unreadable
+        stale = []
+    for old in stale:
+        shutil.rmtree(old, ignore_errors=True)
+        log.info("removed the OpenVINO cache of another model: %s", old)
+    return folder
+
+
 def open_graph(
     path: Path,
     input_name: str,
@@ -97,9 +119,11 @@ def open_graph(
     precision: str,
     variant: str = "fp32",
     streams: int = 1,
+    cache_dir: Path | None = None,
 ) -> Engine:
     """Any ONNX graph of the artifact on the chosen engine (``streams``: OpenVINO's
-    ``DINO_ENGINE_STREAMS``, already resolved by ``openvino_streams``)."""
+    ``DINO_ENGINE_STREAMS``, already resolved by ``openvino_streams``; ``cache_dir``: OpenVINO's
+    compiled-model cache folder, see ``openvino_cache``)."""
     kind, prec = resolve(engine, precision, variant)
     if kind == "onnxruntime":
         from service.engine_onnxruntime import OrtEngine
@@ -107,7 +131,7 @@ def open_graph(
         return OrtEngine(path, threads, input_name)
     from service.engine_openvino import OpenVinoEngine
 
-    return OpenVinoEngine(path, threads, input_name, prec, streams)
+    return OpenVinoEngine(path, threads, input_name, prec, streams, cache_dir)
 
 
 def check_outputs(engine: Engine, manifest: Manifest, path: Path) -> None:
@@ -124,20 +148,28 @@ def open_engine(
     engine: str,
     precision: str,
     streams: int = 1,
+    cache_dir: Path | None = None,
 ) -> Engine:
     """Load the served model with the chosen engine; ``ArtifactError`` when it cannot.
-    ``streams`` (OpenVINO only; see ``openvino_streams``) is how many batches run at once."""
+    ``streams`` (OpenVINO only; see ``openvino_streams``) is how many batches run at once;
+    ``cache_dir`` (OpenVINO only) the root of the compiled-model cache (the server's
+    ``DINO_DATA_DIR/openvino-cache``; ``None``: compile every time)."""
     kind, _ = resolve(engine, precision, variant)
     if kind == "onnxruntime":
         from service.engine_onnxruntime import load_engine
 
         return load_engine(model_dir, manifest, variant, threads)
+    t0 = time.perf_counter()
     path = Path(model_dir) / model_file(manifest, variant)
     streams = openvino_streams(streams, threads)
-    opened = open_graph(path, manifest.input_name, threads, engine, precision, variant, streams)
+    cache = openvino_cache(cache_dir, manifest)
+    opened = open_graph(
+        path, manifest.input_name, threads, engine, precision, variant, streams, cache
+    )
     check_outputs(opened, manifest, path)
     log.info(
-        "loaded %s with OpenVINO (%s, %s, %d threads, %d streams)",
+        "loaded %s with OpenVINO (%s, %s, %d threads, %d streams) in %.2f s (%s)",
         path, variant, opened.precision, threads, opened.parallel_calls,  # type: ignore[attr-defined]
+        time.perf_counter() - t0, opened.cache_state,  # type: ignore[attr-defined]
     )  # fmt: skip
     return opened

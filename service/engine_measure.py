@@ -31,7 +31,7 @@ from artifact.cpu import cpu_flags
 from artifact.files import write_text_atomic
 from artifact.gates import gate_failure
 from artifact.manifest import ArtifactError, Manifest
-from service.engine_choice import Engine, model_file, open_engine, resolve
+from service.engine_choice import OPENVINO_CACHE, Engine, model_file, open_engine, resolve
 from service.settings import Settings, SettingsError
 
 log = logging.getLogger(__name__)
@@ -210,9 +210,12 @@ def write_cache(path: Path, key: dict, choice: Choice) -> None:
 
 
 def open_candidate(model_dir: Path, manifest: Manifest, c: Candidate, s: Settings) -> Engine:
+    """``c`` opened with the server's settings; OpenVINO's compiled models cached in the data
+    folder (``openvino_cache``)."""
     return open_engine(
-        model_dir, manifest, c.variant, s.threads, c.engine, c.engine_precision, s.engine_streams
-    )
+        model_dir, manifest, c.variant, s.threads, c.engine, c.engine_precision, s.engine_streams,
+        Path(s.data_dir) / OPENVINO_CACHE,
+    )  # fmt: skip
 
 
 def throughput(engine: Engine, batch: np.ndarray, pool: ThreadPoolExecutor) -> float:

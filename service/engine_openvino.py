@@ -63,6 +63,38 @@ def shared_core():
     return ov.Core()
 
 
+def usable_cache_dir(cache_dir: Path | None) -> Path | None:
+    """``cache_dir``, created, or ``None`` (no cache, one warning) when it cannot be."""
+    if cache_dir is None:
+        return None
+    try:
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a read-only data folder: every start compiles, nothing worse
+        log.warning("OpenVINO: no compiled-model cache (%s); every start compiles", exc)
+        return None
+    return Path(cache_dir)
+
+
+def _compile_config(precision: str, threads: int, streams: int) -> dict[str, object]:
+    config: dict[str, object] = {
+        "INFERENCE_PRECISION_HINT": _OV_TYPES[precision],
+        "INFERENCE_NUM_THREADS": int(threads),
+        # LATENCY: all threads on one request; THROUGHPUT with NUM_STREAMS: the threads split
+        # into streams that each run their own request.
+        "PERFORMANCE_HINT": "LATENCY" if streams == 1 else "THROUGHPUT",
+    }
+    if streams > 1:
+        config["NUM_STREAMS"] = streams
+    return config
+
+
+def _loaded_from_cache(compiled) -> bool:
+    try:
+        return bool(compiled.get_property("LOADED_FROM_CACHE"))
+    except Exception:  # noqa: BLE001 - a plugin without the property: report a compile
+        return False
+
+
 class OpenVinoEngine:
     """One compiled model on the CPU plugin with ``threads`` inference threads.
 
@@ -71,11 +103,19 @@ class OpenVinoEngine:
     threads into that many streams that each run a whole batch (``parallel_calls`` of ``run`` at
     once): no thread waits on another inside a layer, which on 2 cores shared with JPEG decoding
     and HTTP is worth more than one batch finishing sooner. 1 puts every thread on one batch
-    (lowest latency for a lone request).
+    (lowest latency for a lone request). ``cache_dir``: OpenVINO's compiled-model cache (a
+    restart loads the compiled blobs instead of converting and compiling the ONNX again); ``None``
+    compiles every time.
     """
 
     def __init__(
-        self, path: Path, threads: int, input_name: str, precision: str = "bf16", streams: int = 1
+        self,
+        path: Path,
+        threads: int,
+        input_name: str,
+        precision: str = "bf16",
+        streams: int = 1,
+        cache_dir: Path | None = None,
     ) -> None:
         if precision not in PRECISIONS:
             raise ValueError(f"OpenVINO precision must be one of {PRECISIONS}, got {precision!r}")
@@ -86,27 +126,25 @@ class OpenVinoEngine:
         if precision == "bf16" and not cpu_supports_bf16():
             log.warning("this CPU has no native bf16: OpenVINO runs %s in fp32 instead", path)
             precision = "fp32"
-        config: dict[str, object] = {
-            "INFERENCE_PRECISION_HINT": _OV_TYPES[precision],
-            "INFERENCE_NUM_THREADS": int(threads),
-            # LATENCY: all threads on one request; THROUGHPUT with NUM_STREAMS: the threads split
-            # into streams that each run their own request.
-            "PERFORMANCE_HINT": "LATENCY" if streams == 1 else "THROUGHPUT",
-        }
-        if streams > 1:
-            config["NUM_STREAMS"] = streams
+        config = _compile_config(precision, threads, streams)
+        self.path = path
+        self.cache_dir = usable_cache_dir(cache_dir)
+        self._graph = None  # the read model, only when compiling without the cache
         try:
-            model = core.read_model(str(path))
-            self.compiled = core.compile_model(model, "CPU", config)
+            self.compiled = self._compile(core, config)
         except Exception as exc:  # OpenVINO raises RuntimeError subclasses of its own
             raise ArtifactError(f"OpenVINO cannot load {path}: {exc}") from exc
+        self.from_cache = _loaded_from_cache(self.compiled)  # every compiled model, once solo is
         inputs = [name for port in self.compiled.inputs for name in port.get_names()]
         if input_name not in inputs:
             raise ArtifactError(f"{path} has inputs {inputs}, the manifest says {input_name!r}")
         self.input_name = input_name
         self.output_names = tuple(port.get_any_name() for port in self.compiled.outputs)
         self.precision = precision
-        self.path = path
+        self._make_requests(core, config)
+        self._graph = None  # the compiled models hold all they need
+
+    def _make_requests(self, core, config: dict) -> None:
         self.parallel_calls = int(self.compiled.get_property("NUM_STREAMS"))
         # OpenVINO's Python layer fills a lazy static table on the first element-type -> numpy
         # dtype lookup; two threads doing it at once for the first time deadlock (1 run in 5 here
@@ -121,13 +159,43 @@ class OpenVinoEngine:
         # With streams, a lone batch would run on one stream's threads only; a second compiled
         # model with every thread on one request serves it (``run_solo``, when nothing else runs).
         self._solo: queue.SimpleQueue = queue.SimpleQueue()
-        self.has_solo = self.parallel_calls > 1 and self._compile_solo(core, model, config)
+        self.has_solo = self.parallel_calls > 1 and self._compile_solo(core, config)
+        if self.has_solo:
+            self.from_cache = self.from_cache and _loaded_from_cache(self.compiled_solo)
 
-    def _compile_solo(self, core, model, config: dict) -> bool:
+    @property
+    def cache_state(self) -> str:
+        """For the start-up log: where the compiled model came from."""
+        if self.cache_dir is None:
+            return "compiled; no compiled-model cache"
+        if self.from_cache:
+            return f"from the compiled-model cache {self.cache_dir}"
+        return f"compiled; written to the compiled-model cache {self.cache_dir}"
+
+    def _compile(self, core, config: dict):
+        """From the cache when it has this file + config (OpenVINO's own key: the file's path,
+        size and modification time, the config, the device and the OpenVINO version), else
+        compiled and written there. Compiling from the path lets a cache hit skip reading the
+        ONNX at all. A cache that fails (OpenVINO already discards a corrupt or foreign blob and
+        recompiles; anything else) costs a warning and a compile without it, never the start."""
+        if self.cache_dir is not None:
+            try:
+                return core.compile_model(
+                    str(self.path), "CPU", {**config, "CACHE_DIR": str(self.cache_dir)}
+                )
+            except Exception as exc:  # noqa: BLE001 - retried below without the cache
+                log.warning("OpenVINO: compiling %s with the cache in %s failed (%s); compiling "
+                            "without the cache", self.path, self.cache_dir, exc)  # fmt: skip
+                self.cache_dir = None
+        if self._graph is None:
+            self._graph = core.read_model(str(self.path))
+        return core.compile_model(self._graph, "CPU", config)
+
+    def _compile_solo(self, core, config: dict) -> bool:
         solo = {k: v for k, v in config.items() if k != "NUM_STREAMS"}
         solo["PERFORMANCE_HINT"] = "LATENCY"
         try:
-            self.compiled_solo = core.compile_model(model, "CPU", solo)
+            self.compiled_solo = self._compile(core, solo)
         except Exception as exc:  # noqa: BLE001 - only a lone client's speed is at stake
             log.warning("OpenVINO: no all-threads model for lone batches: %s", exc)
             return False

@@ -24,7 +24,7 @@ from service.embedding_transform import (
     served_vectors,
     transform_key,
 )
-from service.engine_choice import Engine, model_file, open_graph
+from service.engine_choice import OPENVINO_CACHE, Engine, model_file, open_graph, openvino_cache
 from service.engine_measure import Choice, choose_engine
 from service.images import PixelBudget
 from service.index import (
@@ -56,6 +56,7 @@ class Runtime:
     manifest: Manifest | None = None
     engine: Engine | None = None
     choice: Choice | None = None  # which engine/precision/file is served, and why
+    engine_open_s: float | None = None  # choosing (measuring, if not cached) and opening it
     decoder: Engine | None = None  # decoder.onnx beside the model, when there is a usable one
     decoder_meta: DecoderMeta | None = None
     decoder_error: str = ""  # why there is no decoder: what /reconstruct answers (409)
@@ -128,9 +129,11 @@ class Runtime:
         self.transform = await anyio.to_thread.run_sync(
             load_transform, self.model_dir, self.manifest
         )
+        t0 = time.perf_counter()
         self.choice, self.engine = await anyio.to_thread.run_sync(
             choose_engine, self.model_dir, self.manifest, s
         )
+        self.engine_open_s = time.perf_counter() - t0
         await anyio.to_thread.run_sync(self._open_decoder)
         await anyio.to_thread.run_sync(self._check_index_model)
         self.batcher = MicroBatcher(
@@ -167,7 +170,10 @@ class Runtime:
             # The model's engine; the decoder has one file, run at the model's float precision.
             c = self.choice.candidate if self.choice else None
             engine, precision = (c.engine, c.engine_precision) if c else (s.engine, "auto")
-            decoder = open_graph(model_dir / meta.file, meta.input, s.threads, engine, precision)
+            cache = openvino_cache(Path(s.data_dir) / OPENVINO_CACHE, manifest)
+            decoder = open_graph(
+                model_dir / meta.file, meta.input, s.threads, engine, precision, cache_dir=cache
+            )
             if meta.output not in decoder.output_names:
                 raise DecoderUnavailable(
                     f"{model_dir / meta.file} has outputs {decoder.output_names}, decoder.json "
@@ -254,12 +260,14 @@ class Runtime:
         self.index_error = None
         self.ready = True
         log.info(
-            "serving model %s (sha256 %s); index %s: %d items; ready in %.2f s",
+            "serving model %s (sha256 %s); index %s: %d items; ready in %.2f s (engine "
+            "chosen and opened in %.2f s)",
             self.manifest.name if self.manifest else "?",
             self.manifest.model_sha256 if self.manifest else "?",
             factory.location(self.settings),
             self.index_size(),
             time.perf_counter() - self._started,
+            self.engine_open_s or 0.0,
         )
 
     async def wait_ready(self, timeout: float = 60.0) -> None:

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.common import has_module
+
 pytest.importorskip("torch")
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,6 +54,9 @@ def test_engine_and_search_sections(tmp_path):
     assert 0.9 < acc["ort_int8"]["cosine_min"] <= 1.0 and "knn_top1" in acc["ort_int8"]
     if "ov_bf16" in acc:
         assert acc["ov_bf16"]["cosine_min"] > 0.999
+    if has_module("openvino") and has_module("nncf"):  # the static int8 IR, exported and run
+        assert "ov_int8" in paths and "knn_delta_points" in acc["ov_int8"]
+        assert 0.5 < acc["ov_int8"]["cosine_min"] <= 1.0
     rows = result["search"]["rows"]
     flat = [r for r in rows if r["index"].startswith("flat")]
     assert flat and all(r["recall_at_10"] == 1.0 for r in flat)
@@ -72,6 +77,13 @@ def test_http_and_train_sections(tmp_path):
     assert result["http"]["preprocess_cpu_ms"] > 0
     assert all(0 < r["cpu_ceiling"] < 1 for r in embed)
     assert any(r["endpoint"] == "/attention" and r["errors"] == 0 for r in server["load"])
+    # Default settings: the server chose by measurement, said what from GET /models, and the
+    # restart reused that choice; its load is compared with the raw engine it chose.
+    auto = result["http"]["servers"][-1]
+    assert auto["engine"] == "auto" and auto["chose"]["engine"] in ("onnxruntime", "openvino")
+    assert len(auto["candidates_img_s"]) >= 2 and auto["measured_s"] > 0
+    assert auto["cold_start_s"] > 0 and auto["restart_s"] > 0 and auto["raw_best_img_s"] > 0
+    assert all(r["errors"] == 0 for r in auto["load"])
     recipes = {(r["recipe"], r["precision"]) for r in result["train"]["rows"]}
     assert {("quickstart", "fp32"), ("vit_small", "fp32")} <= recipes
 

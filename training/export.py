@@ -69,7 +69,7 @@ from training.parity import check_parity, far_parity_inputs, parity_inputs
 from training.pooling import check_pooling
 from training.provenance import git_commit
 from training.quantize import MIN_INT8_COSINE, int8_variant
-from training.quantize_openvino import BIN_FILE, XML_FILE
+from training.quantize_openvino import BIN_FILE, CALIBRATION_IMAGES, XML_FILE
 
 # OpenVINO static int8 IR files (--int8-openvino).
 OPENVINO_INT8_FILES = (XML_FILE, BIN_FILE)
@@ -97,6 +97,7 @@ def export_backbone(
     int8_min_cosine: float = MIN_INT8_COSINE,
     int8_openvino: bool = False,
     int8_labels: Sequence[str] = (),
+    int8_calibration: int = CALIBRATION_IMAGES,
     pooling: str = "cls",
 ) -> Path:
     """Export ``backbone`` to ``models_dir/name`` and return that folder.
@@ -105,8 +106,9 @@ def export_backbone(
     ``training_config`` (export time, torch version and exporter are added). ``ParityError``
     (nothing written) when onnxruntime and PyTorch disagree. ``int8`` / ``int8_openvino`` add
     int8 variants, each kept only when it passes its gate (``int8_min_cosine`` on the bundled
-    photos; ``int8_labels`` names labelled sets for their k-NN gate). ``pooling``: which vector
-    the ``embedding`` output is (``training.pooling``).
+    photos; ``int8_labels`` names labelled sets for their k-NN gate; ``int8_calibration`` is how
+    many images calibrate OpenVINO's static int8). ``pooling``: which vector the ``embedding``
+    output is (``training.pooling``).
     """
     patch = _check_request(backbone, name, train_image_size, eval_crop)
     check_pooling(pooling, backbone.family)
@@ -123,7 +125,7 @@ def export_backbone(
         parity = _write_checked_onnx(
             model, tmp / MODEL_FILE, what, train_image_size, photo, pooling
         )
-        int8_kinds = (int8, int8_openvino, int8_labels)
+        int8_kinds = (int8, int8_openvino, int8_labels, int8_calibration)
         variants = _int8_variants(tmp, backbone, transform, mean, std, int8_min_cosine, int8_kinds)
         t0 = time.perf_counter()
         files = _file_entries(tmp)
@@ -165,17 +167,20 @@ def _int8_variants(
     mean: Sequence[float],
     std: Sequence[float],
     min_cosine: float,
-    kinds: tuple[bool, bool, Sequence[str]],
+    kinds: tuple[bool, bool, Sequence[str], int],
 ) -> dict[str, Variant]:
     """The int8 variants asked for, each kept only when it passes its accuracy gate:
-    onnxruntime's dynamic int8 and OpenVINO's static int8 (k-NN gate on ``labels`` if named)."""
-    dynamic, openvino, labels = kinds
+    onnxruntime's dynamic int8 and OpenVINO's static int8 (k-NN gate on ``labels`` if named,
+    calibrated on ``calibration`` images)."""
+    dynamic, openvino, labels, calibration = kinds
     variants = int8_variant(folder, transform, mean, std, min_cosine, labels) if dynamic else {}
     if openvino:
         from training.quantize_openvino import openvino_int8_variant
 
         vit = backbone.family == "vit"
-        variants |= openvino_int8_variant(folder, transform, mean, std, vit, labels)
+        variants |= openvino_int8_variant(
+            folder, transform, mean, std, vit, labels, calibration, min_cosine
+        )
     return variants
 
 
