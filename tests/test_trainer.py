@@ -64,6 +64,8 @@ def tiny_config(**kw) -> TrainConfig:
         momentum_teacher_end=1.0,
         warmup_teacher_temp=0.04,
         teacher_temp=0.04,
+        embedding_pooling="cls",
+        embedding_whiten=None,
     )
     return TrainConfig(**{**base, **kw})
 
