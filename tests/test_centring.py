@@ -178,3 +178,25 @@ async def test_server_refuses_an_index_made_without_the_transform(model_copy, ph
     with pytest.raises(IndexModelMismatch, match="embedding transform 'none'.*rebuild"):
         async with serve(settings_for(model_copy, data)):
             pass
+
+
+def test_int8_variants_are_gated_again_on_the_served_vectors(model_copy, photo_dir) -> None:
+    """Whitening weighs int8's rounding noise on weak axes like signal: the export's raw-vector
+    gate no longer speaks for what is served, so adding a transform measures it again."""
+    from artifact import INT8_FILE
+    from training.regate import regate
+
+    before = load_manifest(model_copy).variants["int8"]
+    add_transform(model_copy, str(photo_dir), whiten=5)
+    manifest = load_manifest(model_copy, verify_files=True)
+    if "int8" in manifest.variants:  # re-measured through the whitening, not copied over
+        after = manifest.variants["int8"]
+        assert after.embedding_cosine_min >= 0.99
+        assert after.embedding_cosine_min != before.embedding_cosine_min
+    else:  # dropped: gone from the manifest and the folder alike
+        assert INT8_FILE not in manifest.files and not (model_copy / INT8_FILE).exists()
+    # A served vector that turns int8's tiny differences into large ones fails the gate.
+    kept, dropped = regate(model_copy, manifest, lambda x: np.sin(x * 1e6))
+    assert kept == {} and dropped == [v.file for v in manifest.variants.values()]
+    kept, dropped = regate(model_copy, manifest, lambda x: x)
+    assert set(kept) == set(manifest.variants) and dropped == []

@@ -37,6 +37,7 @@ from artifact import (
     transform,
     write_manifest,
 )
+from training.regate import regate
 
 log = logging.getLogger("training.centring")
 
@@ -152,14 +153,25 @@ def write_transform(
         images=images,
         fitted_on=fitted_on,
     )
+    # int8 variants must pass their gate on the served (transformed) vectors too.
+    variants, dropped = regate(model_dir, manifest, lambda x: _served(x, mean, projection))
+    files = {k: v for k, v in manifest.files.items() if k not in dropped}
+    update = {"embedding_transform": info, "variants": variants, "files": files}
     staged = Path(tempfile.mkdtemp(prefix=".manifest-", dir=model_dir))
     try:
-        written = write_manifest(manifest.model_copy(update={"embedding_transform": info}), staged)
+        written = write_manifest(manifest.model_copy(update=update), staged)
         os.replace(written, model_dir / written.name)
     finally:
         shutil.rmtree(staged, ignore_errors=True)
+    for name in dropped:  # no longer named by the manifest a reader sees
+        (model_dir / name).unlink(missing_ok=True)
     load_manifest(model_dir, verify_files=True)  # the reader's own check
     return info
+
+
+def _served(x: np.ndarray, mean: np.ndarray, projection: np.ndarray | None) -> np.ndarray:
+    x = x - mean
+    return x if projection is None else x @ projection
 
 
 def add_transform(
