@@ -147,9 +147,18 @@ def _round(number: int, folder: Path, photos: Path, tmp: Path, warm: dict, threa
 
 
 def _summary(rows: list[dict]) -> dict:
-    """Medians over the rounds; the ratio is of the two medians."""
+    """Medians over the rounds: the build's, and each raw configuration's (batch, streams) with
+    the best of those kept, as the HTTP section does (the best of single noisy windows would
+    flatter the raw engine)."""
     med = {k: statistics.median(r[k] for r in rows) for k in ("build_img_s", "end_to_end_img_s")}
-    med["raw_best_img_s"] = statistics.median(r["raw_best_img_s"] for r in rows)
+    raw = {
+        k: round(statistics.median(r["raw_img_s"][k] for r in rows), 2)
+        for k in rows[0]["raw_img_s"]
+    }
+    best = max(raw, key=raw.__getitem__)
+    _, streams, _, batch = best.split()  # "streams 2 batch 32"
+    med.update(raw_best_img_s=raw[best], raw_best_batch=int(batch), raw_best_streams=int(streams))
+    med["raw_img_s"] = raw
     med["x_raw_engine"] = med["build_img_s"] / med["raw_best_img_s"]
     med["x_raw_end_to_end"] = med["end_to_end_img_s"] / med["raw_best_img_s"]
     return med
