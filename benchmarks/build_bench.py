@@ -146,10 +146,12 @@ def _round(number: int, folder: Path, photos: Path, tmp: Path, warm: dict, threa
     return row
 
 
-def _summary(rows: list[dict]) -> dict:
+def _summary(rows: list[dict], batch: int) -> dict:
     """Medians over the rounds: the build's, and each raw configuration's (batch, streams) with
     the best of those kept, as the HTTP section does (the best of single noisy windows would
-    flatter the raw engine)."""
+    flatter the raw engine). Also the raw engine at the build's batch, one call at a time with
+    every thread on it: the build makes one call at a time, so this separates what it loses to
+    decoding and storing from what it leaves unused (OpenVINO's streams side by side)."""
     med = {k: statistics.median(r[k] for r in rows) for k in ("build_img_s", "end_to_end_img_s")}
     raw = {
         k: round(statistics.median(r["raw_img_s"][k] for r in rows), 2)
@@ -161,6 +163,8 @@ def _summary(rows: list[dict]) -> dict:
     med["raw_img_s"] = raw
     med["x_raw_engine"] = med["build_img_s"] / med["raw_best_img_s"]
     med["x_raw_end_to_end"] = med["end_to_end_img_s"] / med["raw_best_img_s"]
+    med["raw_one_call_img_s"] = raw[f"streams 1 batch {batch}"]
+    med["x_raw_one_call"] = med["build_img_s"] / med["raw_one_call_img_s"]
     return med
 
 
@@ -198,6 +202,6 @@ def run(mode: Mode, threads: int, so_far: dict) -> dict:
         "load_avg_start": load_start,
         "load_avg_end": os.getloadavg()[0],
         "target": TARGET,
-        **_summary(rows),
+        **_summary(rows, batch),
         "rounds": rows,
     }

@@ -133,7 +133,13 @@ def _build(build: dict) -> list[str]:
     cols += ["raw_best_streams", "x_raw_engine", "load_avg"]
     lines += table([*build["rounds"], median], cols)
     target = f"{build['target']:.2f}"
-    return lines + ["", f"Target: the build at >= {target} of the raw engine: {met}."]
+    return lines + [
+        "",
+        f"Target: the build at >= {target} of the raw engine: {met}. The raw engine at the "
+        f"build's batch ({build['batch_size']}), one call at a time with every thread on it: "
+        f"{_fmt(build['raw_one_call_img_s'])} img/s, the build {_fmt(build['x_raw_one_call'])} "
+        "of that.",
+    ]
 
 
 def _search(search: dict) -> list[str]:

@@ -99,6 +99,7 @@ def test_build_section(tmp_path):
     for key in ("build_img_s", "end_to_end_img_s", "raw_best_img_s", "x_raw_engine"):
         assert build[key] > 0, key
     assert build["x_raw_engine"] == build["build_img_s"] / build["raw_best_img_s"]
+    assert 0 < build["raw_one_call_img_s"] <= build["raw_best_img_s"]
     # End to end pays the process start and the model load, which the build's own rate leaves out.
     assert build["end_to_end_img_s"] < build["build_img_s"]
     assert build["rounds"][0]["raw_best_batch"] in build["raw_batches"]
