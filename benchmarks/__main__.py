@@ -1,4 +1,6 @@
-"""``python -m benchmarks [--quick | --smoke | --full] [--only engine,http,search,train,memory]``.
+"""``python -m benchmarks [--quick | --smoke | --full] [--only SECTION,...]``.
+
+Sections: engine, http, build, search, train, memory (all by default).
 
 Writes ``benchmarks/results/<date>-<cpu>.json`` and ``.md`` (``--out`` to change the folder).
 """
@@ -14,10 +16,9 @@ import time
 from pathlib import Path
 
 from artifact.cli import RunFailed, UsageError, run_cli
-from benchmarks.common import MODES, machine
+from benchmarks.common import MODES, SECTIONS, machine
 from benchmarks.report import result_stem, write_markdown
 
-SECTIONS = ("engine", "http", "search", "train", "memory")
 RESULTS = Path(__file__).resolve().parent / "results"
 log = logging.getLogger("benchmarks")
 

@@ -20,6 +20,8 @@ from artifact.cpu import cpu_flags as all_cpu_flags
 
 log = logging.getLogger("benchmarks")
 
+# The suite's sections in run order; ``python -m benchmarks --only`` picks a subset.
+SECTIONS = ("engine", "http", "build", "search", "train", "memory")
 VERSIONED = ("torch", "onnxruntime", "openvino", "faiss-cpu", "numpy", "fastapi", "uvicorn")
 
 

@@ -104,11 +104,13 @@ def _parallel_rate(engine, pixels: np.ndarray, callers: int, min_time: float) ->
     return sum(done) / (time.perf_counter() - started)
 
 
-def _raw_best(env: dict[str, str], folder: Path, threads: int, mode: Mode) -> dict:
-    """The engine alone, in-process, at its best: every batch size the server may use and, for
-    OpenVINO, both one stream (all threads on a batch) and the server's default streams (batches
-    side by side), median of ``mode.rounds`` interleaved rounds. The best of these is what the
-    HTTP figures are divided by, so a server setting cannot flatter the ratio."""
+def raw_best(
+    env: dict[str, str], folder: Path, threads: int, mode: Mode, batches: tuple[int, ...] = ()
+) -> dict:
+    """The engine alone, in-process, at its best: every batch size the server may use (or
+    ``batches``) and, for OpenVINO, both one stream (all threads on a batch) and the server's
+    default streams (batches side by side), median of ``mode.rounds`` interleaved rounds. The
+    best of these is what the HTTP figures are divided by, so a setting cannot flatter the ratio."""
     from artifact import load_manifest
     from service.engine_choice import open_engine, openvino_streams
 
@@ -120,7 +122,7 @@ def _raw_best(env: dict[str, str], folder: Path, threads: int, mode: Mode) -> di
         streams = sorted({1, openvino_streams(0, threads)})
     size = manifest.eval_transform.crop
     rng = np.random.default_rng(0)
-    batches = RAW_BATCHES if not mode.smoke else (1, 2)
+    batches = batches or (RAW_BATCHES if not mode.smoke else (1, 2))
     pixels = {b: rng.standard_normal((b, 3, size, size)).astype(np.float32) for b in batches}
     engines = {
         n: open_engine(folder, manifest, variant, threads, env["engine"], precision, n)
@@ -218,7 +220,7 @@ def _load_rows(server: Server, bodies, mode: Mode, raw_img_s: float, torch_best,
 def _server_result(label: str, env: dict, spec, folder: Path, bodies, threads: int, mode: Mode,
                    torch_best, pre_ms: float) -> dict:  # fmt: skip
     """Start a server on one engine and measure /embed at each concurrency, then /attention."""
-    raw = _raw_best(env, folder, threads, mode)
+    raw = raw_best(env, folder, threads, mode)
     with (
         tempfile.TemporaryDirectory(prefix="bench-http-") as tmp,
         Server(folder.parent, folder.name, Path(tmp) / "data", threads, **env) as server,
@@ -257,7 +259,7 @@ def _auto_result(spec, folder: Path, bodies, threads: int, mode: Mode, torch_bes
         log.info("server auto: chose %s %s (%s) in %.2f s", choice["engine"],
                  choice["precision"], choice["variant"], first_start_s)  # fmt: skip
         env = {k: choice[k] for k in ("engine", "precision")}
-        raw = _raw_best({**env, "model_variant": choice["variant"]}, folder, threads, mode)
+        raw = raw_best({**env, "model_variant": choice["variant"]}, folder, threads, mode)
         with Server(folder.parent, folder.name, data, threads, **AUTO_ENV) as server:
             again = _engine_choice(server)
             if again["how"] != "cached" or again["variant"] != choice["variant"]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from benchmarks.common import SECTIONS
+
 
 def result_stem(result: dict) -> str:
     """``2025-11-25-intel-xeon-processor``, + ``-quick``/``-smoke`` for shortened runs and the
@@ -12,7 +14,8 @@ def result_stem(result: dict) -> str:
     cpu = re.sub(r"\(r\)|\(tm\)|cpu|@.*", "", result["machine"]["cpu"].lower())
     cpu = re.sub(r"[^a-z0-9]+", "-", cpu).strip("-") or "cpu"
     suffix = "" if result["mode"] in ("default", "full") else f"-{result['mode']}"
-    if result.get("sections") and len(result["sections"]) < 5:  # a partial run: don't overwrite
+    # A partial run: its sections in the name, so it does not overwrite a whole run's files.
+    if result.get("sections") and len(result["sections"]) < len(SECTIONS):
         suffix += "-" + "-".join(result["sections"])
     family = re.sub(r"[^a-z0-9]+", "-", result["machine"].get("cpu_family", "").lower())
     family = f"-{family.strip('-')}" if family.strip("-") else ""
@@ -104,6 +107,41 @@ def _auto_line(server: dict) -> str:
     )
 
 
+def _build(build: dict) -> list[str]:
+    """The bulk build against the raw engine it chose, round by round and the medians."""
+    c = build["chose"]
+    rates = ", ".join(f"{k} {_fmt(v)}" for k, v in build["candidates_img_s"].items())
+    met = "met" if build["x_raw_engine"] >= build["target"] else "**not met**"
+    lines = [
+        "## Bulk embedding (`python -m service.index build`)",
+        "",
+        f"{build['images']} JPEG photos (long side {build['long_side_px']} px, "
+        f"{_fmt(build['jpeg_kb_mean'])} kB on average), {build['model']}, batch "
+        f"{build['batch_size']}. Default settings chose **{c['engine']} {c['precision']}** "
+        f"(file variant `{c['variant']}`) from {rates} img/s, measured by a first build in "
+        f"{_fmt(build['choice_measured_s'])} s (not timed). build_img_s: what the build reports "
+        "(embedding and storing); end_to_end_img_s: process start to exit; raw: the same engine "
+        "in-process on pixels made once, batch "
+        f"{', '.join(map(str, build['raw_batches']))} (and for OpenVINO 1 or the default "
+        "streams); the median row takes the best configuration's median. CPU family "
+        f"{build['cpu_family']}; load average {build['load_avg_start']:.2f} -> "
+        f"{build['load_avg_end']:.2f}.",
+        "",
+    ]
+    median = {"round": "median", **{k: v for k, v in build.items() if not isinstance(v, dict)}}
+    cols = ["round", "build_img_s", "end_to_end_img_s", "raw_best_img_s", "raw_best_batch"]
+    cols += ["raw_best_streams", "x_raw_engine", "load_avg"]
+    lines += table([*build["rounds"], median], cols)
+    target = f"{build['target']:.2f}"
+    return lines + [
+        "",
+        f"Target: the build at >= {target} of the raw engine: {met}. The raw engine at the "
+        f"build's batch ({build['batch_size']}), one call at a time with every thread on it: "
+        f"{_fmt(build['raw_one_call_img_s'])} img/s, the build {_fmt(build['x_raw_one_call'])} "
+        "of that.",
+    ]
+
+
 def _search(search: dict) -> list[str]:
     lines = ["## Search (clustered 384-d Gaussian mixture)", ""]
     cols = ["n", "index", "params", "build_s", "recall_at_10", "p50_ms", "p99_ms"]
@@ -141,6 +179,7 @@ def write_markdown(result: dict, path: Path) -> None:
     renders = (
         ("engine", _engine),
         ("http", _http),
+        ("build", _build),
         ("search", _search),
         ("train", _train),
         ("memory", _memory),

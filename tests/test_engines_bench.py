@@ -89,6 +89,25 @@ def test_http_and_train_sections(tmp_path):
 
 
 @pytest.mark.slow
+def test_build_section(tmp_path):
+    """The real build CLI over real JPEG files, in a fresh index with the engine choice cached by
+    a first build, against the raw engine it chose; the markdown has its table."""
+    build = run_smoke(tmp_path, "build")["build"]
+    assert build["images"] == 16 and build["chose"]["engine"] in ("onnxruntime", "openvino")
+    assert len(build["candidates_img_s"]) >= 2 and build["choice_measured_s"] > 0
+    assert [r["round"] for r in build["rounds"]] == [1]
+    for key in ("build_img_s", "end_to_end_img_s", "raw_best_img_s", "x_raw_engine"):
+        assert build[key] > 0, key
+    assert build["x_raw_engine"] == build["build_img_s"] / build["raw_best_img_s"]
+    assert 0 < build["raw_one_call_img_s"] <= build["raw_best_img_s"]
+    # End to end pays the process start and the model load, which the build's own rate leaves out.
+    assert build["end_to_end_img_s"] < build["build_img_s"]
+    assert build["rounds"][0]["raw_best_batch"] in build["raw_batches"]
+    markdown = next((tmp_path / "out").glob("*.md")).read_text()
+    assert "## Bulk embedding" in markdown and "| median |" in markdown
+
+
+@pytest.mark.slow
 def test_memory_section(tmp_path):
     rows = {r["shape"]: r for r in run_smoke(tmp_path, "memory")["memory"]["rows"]}
     assert rows["one_huge_png"]["statuses"] == "200" and rows["64_huge_png"]["statuses"] == "413"
