@@ -69,7 +69,7 @@ def check_servable(model_dir: Path) -> None:
     session = ort.InferenceSession(str(model_dir / "model.onnx"))
     pixels = np.random.default_rng(0).normal(size=(2, 3, 16, 16)).astype(np.float32)
     (embedding,) = session.run(["embedding"], {"pixel_values": pixels})
-    assert embedding.shape == (2, manifest.embed_dim) and np.isfinite(embedding).all()
+    assert embedding.shape == (2, manifest.embedding_dim) and np.isfinite(embedding).all()
 
 
 @pytest.mark.slow

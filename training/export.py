@@ -122,29 +122,17 @@ def export_backbone(
     with _staging_folder(models_dir, name) as tmp:
         photo = (round(train_image_size * eval_resize / eval_crop), mean, std)
         what = f"{arch}/{patch}" if patch else arch
-        parity = _write_checked_onnx(
-            model, tmp / MODEL_FILE, what, train_image_size, photo, pooling
-        )
+        parity = _write_checked_onnx(model, tmp / MODEL_FILE, what, train_image_size, photo,
+                                     pooling)  # fmt: skip
         int8_kinds = (int8, int8_openvino, int8_labels, int8_calibration)
         variants = _int8_variants(tmp, backbone, transform, mean, std, int8_min_cosine, int8_kinds)
         t0 = time.perf_counter()
-        files = _file_entries(tmp)
         manifest = Manifest(
-            name=name,
-            arch=arch,
-            **_network_fields(backbone, patch),
-            embedding_pooling=pooling,
-            train_image_size=train_image_size,
-            mean=tuple(mean),
-            std=tuple(std),
-            eval_transform=transform,
-            opset=OPSET,
-            files=files,
-            variants=variants,
-            provenance=prov,
-            knn=knn,
-            parity=parity,
-        )
+            name=name, arch=arch, **_network_fields(backbone, patch), embedding_pooling=pooling,
+            train_image_size=train_image_size, mean=tuple(mean), std=tuple(std),
+            eval_transform=transform, opset=OPSET, files=_file_entries(tmp), variants=variants,
+            provenance=prov, knn=knn, parity=parity,
+        )  # fmt: skip
         return _publish(manifest, tmp, models_dir / name, t0)
 
 

@@ -13,7 +13,6 @@ import json
 import logging
 import sys
 from collections.abc import Callable
-from functools import partial
 from pathlib import Path
 
 from artifact import Manifest, load_manifest
@@ -25,7 +24,7 @@ from service.embedding_transform import (
     transform_key,
 )
 from service.engine_measure import choose_engine
-from service.index.build import build_folder, embed_files, load_metadata
+from service.index.build import FileEmbedder, build_folder, load_metadata
 from service.index.errors import IndexStoreError
 from service.index.factory import location, open_index
 from service.index.lock import DataDirBusy, DirLock
@@ -173,13 +172,8 @@ def _locked(args: argparse.Namespace, settings: Settings, lock: DirLock | None) 
     c = choice.candidate
     pinned = {"engine": c.engine, "precision": c.engine_precision, "model_variant": c.variant}
     settings = settings.model_copy(update=pinned)
-    embed = partial(
-        embed_files,
-        manifest=manifest,
-        engine=engine,
-        max_pixels=settings.max_image_pixels,
-        thumbnail_side=settings.thumbnail_side,
-        transform=transform,
+    embed = FileEmbedder(
+        manifest, engine, settings.max_image_pixels, settings.thumbnail_side, transform
     )
     progress = not args.no_progress
     if args.command == "rebuild":

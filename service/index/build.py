@@ -19,7 +19,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -121,21 +121,50 @@ def embed_files(
 ) -> tuple[list[int], np.ndarray, list[bytes], list[tuple[str, str]]]:
     """Decode, preprocess and embed (then the artifact's transform, as the server does); returns
     (indices of the paths that worked, unit vectors, thumbnails, failures)."""
-    kept, pixels, thumbs, failed = [], [], [], []
-    prepare = partial(_prepare, manifest=manifest, max_pixels=max_pixels, side=thumbnail_side)
-    # Pillow releases the GIL while it decodes and resizes: the images of a batch in parallel.
-    for i, (path, done) in enumerate(zip(paths, _decode_pool().map(prepare, paths), strict=True)):
-        if isinstance(done, str):
-            failed.append((str(path), done))
-            log.warning("skipping %s: %s", path, done)
-            continue
-        kept.append(i)
-        pixels.append(done[0])
-        thumbs.append(done[1])
-    if not kept:
-        return [], np.empty((0, served_dim(manifest)), np.float32), [], failed
-    out = engine.run(np.stack(pixels), ("embedding",))["embedding"]
-    return kept, served_vectors(transform, out.astype(np.float32)), thumbs, failed
+    embedder = FileEmbedder(manifest, engine, max_pixels, thumbnail_side, transform)
+    return embedder(paths)
+
+
+class FileEmbedder:
+    """``embed_files`` for a whole build: ``prefetch`` starts decoding a batch in the pool while
+    the engine still runs the one before, and each batch runs on every engine thread."""
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        engine: Engine,
+        max_pixels: int,
+        thumbnail_side: int,
+        transform: EmbeddingTransform | None = None,
+    ) -> None:
+        self.manifest, self.transform = manifest, transform
+        self.prepare = partial(_prepare, manifest=manifest, max_pixels=max_pixels,
+                               side=thumbnail_side)  # fmt: skip
+        # A build runs one batch at a time: an OpenVINO engine split into streams would leave
+        # all but one stream idle, so the batch goes to its all-threads model.
+        self.run = getattr(engine, "run_solo", engine.run)
+
+    def prefetch(self, paths: list[Path]) -> list[Future]:
+        """Start decoding ``paths`` (Pillow releases the GIL: the images decode in parallel)."""
+        return [_decode_pool().submit(self.prepare, path) for path in paths]
+
+    def __call__(
+        self, paths: list[Path], decoding: list[Future] | None = None
+    ) -> tuple[list[int], np.ndarray, list[bytes], list[tuple[str, str]]]:
+        kept, pixels, thumbs, failed = [], [], [], []
+        for i, (path, job) in enumerate(zip(paths, decoding or self.prefetch(paths), strict=True)):
+            done = job.result()
+            if isinstance(done, str):
+                failed.append((str(path), done))
+                log.warning("skipping %s: %s", path, done)
+                continue
+            kept.append(i)
+            pixels.append(done[0])
+            thumbs.append(done[1])
+        if not kept:
+            return [], np.empty((0, served_dim(self.manifest)), np.float32), [], failed
+        out = self.run(np.stack(pixels), ("embedding",))["embedding"]
+        return kept, served_vectors(self.transform, out.astype(np.float32)), thumbs, failed
 
 
 @functools.cache
@@ -190,6 +219,46 @@ def _unique_ids(
     return [p for p in files if p not in losers]
 
 
+@dataclass(frozen=True)
+class _Paths:
+    """What a build stores about each file beside its vector."""
+
+    ids: dict[Path, str]
+    rel: dict[Path, str]
+    metadata: dict[str, dict]
+    root: str
+
+
+def _embed_and_store(
+    store: IndexStore, batches: list, embed, paths: _Paths, report: BuildReport, progress: bool
+) -> None:
+    """Embed and add each batch (durable per batch); with ``embed.prefetch`` the next batch
+    decodes while this one runs."""
+    prefetch = getattr(embed, "prefetch", None)
+    ahead = prefetch(batches[0]) if prefetch and batches else None
+    total = sum(len(b) for b in batches)
+    ids, rel, metadata = paths.ids, paths.rel, paths.metadata
+    with tqdm(total=total, unit="img", desc="indexing", disable=not progress) as bar:
+        for n, batch in enumerate(batches):
+            decoding = ahead
+            if prefetch and n + 1 < len(batches):
+                ahead = prefetch(batches[n + 1])
+            kept, vectors, thumbs, failed = embed(batch, decoding) if prefetch else embed(batch)
+            report.failed += failed
+            if kept:
+                chosen = [batch[i] for i in kept]
+                store.add(
+                    vectors,
+                    ids=[ids[p] for p in chosen],
+                    metadata=[metadata.get(rel[p], metadata.get(ids[p])) for p in chosen],
+                    sources=[rel[p] for p in chosen],
+                    source_roots=[paths.root] * len(chosen),
+                    thumbnails=thumbs,
+                )
+                report.added += len(chosen)
+            bar.update(len(batch))
+
+
 def build_folder(
     store: IndexStore,
     images: Path,
@@ -222,21 +291,8 @@ def build_folder(
     if report.skipped:
         log.info("%d of %d images are already indexed; skipping them", report.skipped, len(found))
     started = time.perf_counter()
-    with tqdm(total=len(todo), unit="img", desc="indexing", disable=not progress) as bar:
-        for batch in _batches(todo, batch_size):
-            kept, vectors, thumbs, failed = embed(batch)
-            report.failed += failed
-            if kept:
-                chosen = [batch[i] for i in kept]
-                store.add(
-                    vectors,
-                    ids=[ids[p] for p in chosen],
-                    metadata=[metadata.get(rel[p], metadata.get(ids[p])) for p in chosen],
-                    sources=[rel[p] for p in chosen],
-                    source_roots=[str(root)] * len(chosen),
-                    thumbnails=thumbs,
-                )
-                report.added += len(chosen)
-            bar.update(len(batch))
+    batches = list(_batches(todo, batch_size))
+    paths = _Paths(ids, rel, metadata, str(root))
+    _embed_and_store(store, batches, embed, paths, report, progress)
     report.seconds = time.perf_counter() - started
     return report

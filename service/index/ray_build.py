@@ -26,7 +26,7 @@ import numpy as np
 from tqdm import tqdm
 
 from service.index.backend import IndexBackend
-from service.index.build import BuildReport, embed_files, find_images, item_id
+from service.index.build import BuildReport, FileEmbedder, find_images, item_id
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -64,15 +64,15 @@ class ShardEmbedder:
         kept: list[int] = []
         vectors, thumbs, failed = [], [], []
         paths = [Path(p) for p in shard.paths]
-        for start in range(0, len(paths), batch_size):
-            k, v, t, f = embed_files(
-                paths[start : start + batch_size],
-                self.manifest,
-                self.engine,
-                self.options["max_image_pixels"],
-                self.options["thumbnail_side"],
-                self.transform,
-            )
+        embedder = FileEmbedder(self.manifest, self.engine, self.options["max_image_pixels"],
+                                self.options["thumbnail_side"], self.transform)  # fmt: skip
+        starts = list(range(0, len(paths), batch_size))
+        ahead = embedder.prefetch(paths[:batch_size])
+        for n, start in enumerate(starts):
+            decoding = ahead
+            if n + 1 < len(starts):  # the next batch decodes while this one runs
+                ahead = embedder.prefetch(paths[starts[n + 1] : starts[n + 1] + batch_size])
+            k, v, t, f = embedder(paths[start : start + batch_size], decoding)
             kept += [start + i for i in k]
             vectors.append(v)
             thumbs += t
