@@ -33,9 +33,23 @@ def gemm_gflops(precision: str, n: int, min_time: float, threads: int) -> float:
     return throughput(mm, 1, min_time) * 2 * n**3 / 1e9
 
 
+# A precision is measured only where the CPU has instructions for it: elsewhere PyTorch emulates
+# it (bf16 at 1/10 of fp32 on AVX2), and a fraction of that "ceiling" would mean nothing.
+NATIVE = {
+    "bf16": {"avx512_bf16", "amx_bf16"},
+    "int8": {"avx512_vnni", "avx_vnni", "amx_int8"},
+}
+
+
 def ceilings(min_time: float, threads: int, n: int = 2048) -> dict[str, float]:
+    from artifact.cpu import cpu_flags
+
+    flags = set(cpu_flags())
     out = {}
     for precision in ("fp32", "bf16", "int8"):
+        if precision in NATIVE and not NATIVE[precision] & flags:
+            log.info("no %s ceiling: this CPU has none of %s", precision, sorted(NATIVE[precision]))
+            continue
         try:
             out[precision] = round(gemm_gflops(precision, n, min_time, threads), 1)
         except (RuntimeError, AttributeError) as exc:  # no int8 GEMM in this torch build

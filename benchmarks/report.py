@@ -71,7 +71,8 @@ def _http(http: dict) -> list[str]:
             "cpu_ceiling: the highest x_raw_engine the shared cores allow once that and the "
             "load generator's CPU are paid (HTTP parsing not counted, so an upper bound); "
             "server_cores: cores the server process kept busy in the timed window; "
-            "server_cpu_ms: its CPU per request, inference included.",
+            "server_cpu_ms: its CPU per request, inference included; x_raw_batch1 (c=1): against "
+            "the raw engine at batch 1, the only batch a lone client's request can be.",
             "",
         ]
     for server in http["servers"]:
@@ -85,7 +86,7 @@ def _http(http: dict) -> list[str]:
             lines += ["", _auto_line(server)]
         lines.append("")
         cols = ["endpoint", "concurrency", "req_s", "img_s", "p50_ms", "p95_ms", "p99_ms"]
-        cols += ["x_raw_engine", "cpu_ceiling", "x_torch_fp32", "client_cpu_ms"]
+        cols += ["x_raw_engine", "x_raw_batch1", "cpu_ceiling", "x_torch_fp32", "client_cpu_ms"]
         cols += ["server_cores", "server_cpu_ms", "errors"]
         lines += table(server["load"], cols)
         lines.append("")
